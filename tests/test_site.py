@@ -1,0 +1,212 @@
+"""The built site, opened in a real headless browser.
+
+Builds the book (``jupyter-book build . -W -n --keep-going``: warnings are errors;
+notebook execution is cached), serves ``_build/html`` on 127.0.0.1 and opens every page
+in Debian's Chromium through Playwright. On every page: all maths typeset with no
+MathJax error, every image loaded, no JavaScript error, and no request to any host but
+the local server. Every internal link (and its #anchor) resolves.
+
+Without Chromium or Playwright the test is skipped locally, but fails when the
+environment variable CI or TRANSFORMER_BOOK_REQUIRE_BROWSER is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urldefrag, urlparse
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HTML = ROOT / "_build" / "html"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def _browser_or_skip():
+    required = bool(os.environ.get("CI") or os.environ.get("TRANSFORMER_BOOK_REQUIRE_BROWSER"))
+    problem = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        problem, sync_playwright = "the Python package playwright is not installed", None
+    if problem is None and not Path(CHROMIUM).exists():
+        problem = f"no Chromium at {CHROMIUM} (Debian package `chromium`)"
+    if problem:
+        if required:
+            pytest.fail(f"browser test cannot run: {problem}")
+        pytest.skip(problem)
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def site():
+    result = subprocess.run(
+        [sys.executable, "-m", "jupyter_book", "build", ".", "-W", "-n", "--keep-going"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    server, base = _serve(HTML)
+    yield base
+    server.shutdown()
+
+
+def _pages() -> list[str]:
+    return sorted(p.relative_to(HTML).as_posix() for p in HTML.rglob("*.html")
+                  if "_static" not in p.parts and "_sources" not in p.parts)
+
+
+WAIT_FOR_MATHJAX = """async () => {
+  if (!window.MathJax) return 'absent';
+  for (let i = 0; i < 200 && !(MathJax.startup && MathJax.startup.promise); i++)
+    await new Promise(r => setTimeout(r, 50));
+  await MathJax.startup.promise;
+  if (MathJax.typesetPromise) await MathJax.typesetPromise();
+  return 'done';
+}"""
+
+PAGE_FACTS = """async () => {
+  const imgs = [...document.images];
+  imgs.forEach(i => { i.loading = 'eager'; });
+  await Promise.all(imgs.map(i => i.complete ? null :
+      new Promise(r => { i.addEventListener('load', r); i.addEventListener('error', r); })));
+  const maths = [...document.querySelectorAll('.math')];
+  return {
+    maths: maths.length,
+    untypeset: maths.filter(m => !m.querySelector('mjx-container')).map(m => m.textContent.slice(0, 80)),
+    mathErrors: [...document.querySelectorAll('mjx-merror, .MathJax_Error')].map(e => e.textContent.slice(0, 80)),
+    brokenImages: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src.slice(0, 100)),
+    images: imgs.length,
+    links: [...document.querySelectorAll('a[href]')].map(a => a.href),
+    ids: [...document.querySelectorAll('[id]')].map(e => e.id),
+    text: document.body.innerText,
+  };
+}"""
+
+
+def _serve(directory: Path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+def inspect_site(base: str, html_dir: Path, pages: list[str]) -> list[str]:
+    """Open each page in Chromium; return every problem found (empty when all is well)."""
+    sync_playwright = _browser_or_skip()
+    local = urlparse(base).netloc
+    problems: list[str] = []
+    foreign: set[str] = set()
+    links: dict[str, set[str]] = {}
+    ids: dict[str, set[str]] = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context()
+
+        def route(request_route):
+            url = request_route.request.url
+            parsed = urlparse(url)
+            if parsed.scheme in ("data", "blob", "about") or parsed.netloc == local:
+                request_route.continue_()
+            else:
+                foreign.add(url)
+                request_route.abort()
+
+        context.route("**/*", route)
+        for name in pages:
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error, errors=errors: errors.append(str(error)))
+            response = page.goto(base + name, wait_until="load")
+            if response is None or not response.ok:
+                problems.append(f"{name}: HTTP error")
+                continue
+            mathjax = page.evaluate(WAIT_FOR_MATHJAX)
+            facts = page.evaluate(PAGE_FACTS)
+            if facts["maths"] and mathjax != "done":
+                problems.append(f"{name}: has maths but MathJax did not load")
+            for what in ("untypeset", "mathErrors", "brokenImages"):
+                if facts[what]:
+                    problems.append(f"{name}: {what}: {facts[what][:3]}")
+            if "interactive figure (" in facts["text"]:
+                problems.append(f"{name}: a widget's text fallback is shown instead of its figure")
+            if errors:
+                problems.append(f"{name}: JavaScript errors: {errors[:3]}")
+            links[name] = set(facts["links"])
+            ids[name] = set(facts["ids"])
+            page.close()
+        browser.close()
+
+    problems += [f"request to another host: {url}" for url in sorted(foreign)]
+    for name, hrefs in links.items():
+        for href in sorted(hrefs):
+            if urlparse(href).netloc != local:
+                continue
+            target, fragment = urldefrag(href)
+            path = urlparse(target).path.lstrip("/") or "index.html"
+            if path.endswith("/"):
+                path += "index.html"
+            if not (html_dir / path).exists():
+                problems.append(f"{name}: broken link {href}")
+            elif fragment and path in ids and fragment not in ids[path]:
+                problems.append(f"{name}: link to a missing anchor {href}")
+    return problems
+
+
+def test_every_page_renders_offline_in_a_real_browser(site):
+    pages = _pages()
+    assert len(pages) >= 5, pages
+    problems = inspect_site(site, HTML, pages)
+    assert not problems, "\n".join(problems[:40])
+
+
+BAD_PAGE = r"""<!doctype html><html><head>
+<script>window.MathJax = {tex: {inlineMath: [["\\(", "\\)"]]}};</script>
+<script src="mathjax/tex-chtml.js"></script>
+<link rel="stylesheet" href="https://fonts.example.com/font.css"></head><body>
+<span class="math">\(\frac{1}{\)</span>
+<img src="missing.png" alt="x"> <a href="nowhere.html">x</a> <a href="#no-such-id">y</a>
+</body></html>"""
+
+
+def test_the_inspection_finds_what_it_looks_for(tmp_path):
+    """Guard: a page with each fault is caught (so a green run above means something)."""
+    _browser_or_skip()
+    (tmp_path / "bad.html").write_text(BAD_PAGE)
+    mathjax = HTML / "_static" / "mathjax"
+    if not mathjax.exists():
+        pytest.skip("build the site first (MathJax is copied from it)")
+    import shutil
+
+    shutil.copytree(mathjax, tmp_path / "mathjax")
+    server, base = _serve(tmp_path)
+    try:
+        problems = "\n".join(inspect_site(base, tmp_path, ["bad.html"]))
+    finally:
+        server.shutdown()
+    assert "request to another host: https://fonts.example.com/font.css" in problems
+    assert "brokenImages" in problems and "missing.png" in problems
+    assert "broken link" in problems and "nowhere.html" in problems
+    assert "missing anchor" in problems
+    assert "mathErrors" in problems or "untypeset" in problems, problems
+
+
+def test_chapters_show_figures_and_maths(site):
+    """The chapters' figures and equations reach the page (a guard on the test above)."""
+    for chapter in sorted((ROOT / "book").glob("*.ipynb")):
+        html = (HTML / "book" / f"{chapter.stem}.html").read_text()
+        assert re.search(r"<img[^>]+src=\"[^\"]+\.png\"", html), f"{chapter.name}: no figure"
+        assert 'class="math' in html, f"{chapter.name}: no maths"
+    launch = (HTML / "exercises" / f"{chapter.stem}.html").read_text()
+    assert "colab.research.google.com/github/" in launch, "no Colab launch button"

@@ -1,0 +1,11 @@
+"""Exercise checks, one module per chapter (``transformer_book.checks.ch02`` ...).
+
+Each check takes your function or class, compares it with a reference on several
+inputs and edge cases, prints one line when it passes and raises ``CheckFailure``
+(an ``AssertionError``) naming the likely mistake when it does not.
+"""
+
+from . import ch01, ch02  # noqa: F401  (importing registers the checks)
+from ._core import REGISTRY, CheckFailure, CheckUsageError
+
+__all__ = ["REGISTRY", "CheckFailure", "CheckUsageError", "ch01", "ch02"]

@@ -1,0 +1,146 @@
+"""The machinery every exercise check shares.
+
+A check is a function decorated with :func:`exercise`. It receives the student's
+function or class, compares it with a reference on several inputs, and either prints
+one short line or raises :class:`CheckFailure` (an ``AssertionError``) whose message
+says what is wrong and the likely misconception.
+
+When the environment variable ``TRANSFORMER_BOOK_GRADE_LOG`` names a file, every check
+appends one JSON line to it (``python -m transformer_book.grade`` reads them).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+
+import torch
+
+GRADE_LOG = "TRANSFORMER_BOOK_GRADE_LOG"
+REGISTRY: dict[str, Exercise] = {}
+
+
+class CheckFailure(AssertionError):
+    """A check found a mistake; the message says which one."""
+
+
+class CheckUsageError(TypeError):
+    """A check was called with the wrong kind of argument."""
+
+
+class Exercise:
+    def __init__(self, func, number: str, title: str):
+        self.func, self.number, self.title = func, number, title
+        self.name = func.__name__
+        functools.update_wrapper(self, func)
+
+    @property
+    def label(self) -> str:
+        return f"Exercise {self.number}: {self.title}"
+
+    def __call__(self, *args, **kwargs):
+        try:
+            self.func(*args, **kwargs)
+        except CheckFailure as failure:
+            _log(self, False, str(failure))
+            raise
+        except NotImplementedError as error:
+            message = (
+                f"{self.label} is not done yet: replace `raise NotImplementedError()` "
+                "with your code, then run this cell again."
+            )
+            _log(self, False, message)
+            raise CheckFailure(message) from error
+        except CheckUsageError as error:
+            _log(self, False, str(error))
+            raise
+        _log(self, True, "passed")
+        print(f"✓ {self.label}: passed")
+
+    def __repr__(self) -> str:
+        return f"<check {self.name}: {self.label}>"
+
+
+def exercise(number: str, title: str):
+    """Register a check for exercise ``number`` (e.g. ``"2.1"``) called ``title``."""
+
+    def decorate(func):
+        check = Exercise(func, number, title)
+        REGISTRY[check.name] = check
+        return check
+
+    return decorate
+
+
+def _log(check: Exercise, passed: bool, message: str) -> None:
+    path = os.environ.get(GRADE_LOG)
+    if not path:
+        return
+    record = {"check": check.name, "exercise": check.label, "passed": passed, "message": message}
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def expect_callable(obj, what: str, example: str) -> None:
+    """Fail with one sentence when a check is handed something that is not callable."""
+    if not callable(obj):
+        raise CheckUsageError(
+            f"This check expects {what}, e.g. {example}; it got a {type(obj).__name__}."
+        )
+
+
+def expect_class(obj, base, what: str, example: str) -> None:
+    if not (inspect.isclass(obj) and issubclass(obj, base)):
+        raise CheckUsageError(
+            f"This check expects {what} (a subclass of {base.__name__}), e.g. {example}; "
+            f"it got {obj!r:.60}."
+        )
+
+
+def call(fn, *args, what: str = "your function", **kwargs):
+    """Call student code; turn an unexpected crash into a one-sentence failure."""
+    try:
+        return fn(*args, **kwargs)
+    except (NotImplementedError, CheckFailure, CheckUsageError):
+        raise
+    except Exception as error:  # noqa: BLE001 - any crash in student code is a failed check
+        shapes = ", ".join(
+            str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args
+        )
+        raise CheckFailure(
+            f"{what} raised {type(error).__name__}: {error} (inputs: {shapes})."
+        ) from error
+
+
+def fail(message: str):
+    raise CheckFailure(message)
+
+
+def expect_tensor(value, what: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        fail(f"{what} should be a torch.Tensor, but it is a {type(value).__name__}.")
+    return value
+
+
+def expect_shape(value, shape, what: str) -> torch.Tensor:
+    value = expect_tensor(value, what)
+    if tuple(value.shape) != tuple(shape):
+        fail(f"{what} has shape {tuple(value.shape)}, expected {tuple(shape)}.")
+    return value
+
+
+def expect_close(actual, expected, message: str, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    """Fail with ``message`` (plus the largest difference) unless the tensors agree."""
+    actual = expect_tensor(actual, "your result")
+    if actual.shape != expected.shape:
+        fail(f"{message} (shape {tuple(actual.shape)}, expected {tuple(expected.shape)})")
+    if torch.isnan(actual).any() and not torch.isnan(expected).any():
+        fail(f"{message} (your result contains NaN)")
+    if not torch.allclose(actual.to(expected.dtype), expected, atol=atol, rtol=rtol):
+        worst = (actual.to(expected.dtype) - expected).abs().max().item()
+        fail(f"{message} (largest difference {worst:.3g})")
