@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from urllib.parse import urldefrag, urlparse
+from urllib.parse import urldefrag, urljoin, urlparse
 
 import pytest
 
@@ -94,9 +94,13 @@ PAGE_FACTS = """async () => {
 }"""
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
 def _serve(directory: Path):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
-    handler.log_message = lambda *args: None
+    handler = functools.partial(_QuietHandler, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
@@ -128,6 +132,12 @@ def inspect_site(base: str, html_dir: Path, pages: list[str]) -> list[str]:
             page = context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda error, errors=errors: errors.append(str(error)))
+            redirect = re.search(r'http-equiv="refresh" content="0; url=([^"]+)"',
+                                 (html_dir / name).read_text(), re.IGNORECASE)
+            if redirect:  # a redirect stub (index.html): check where it points
+                links[name] = {urljoin(base + name, redirect.group(1))}
+                page.close()
+                continue
             response = page.goto(base + name, wait_until="load")
             if response is None or not response.ok:
                 problems.append(f"{name}: HTTP error")
