@@ -27,7 +27,8 @@ def _png(plot, values: dict) -> str:
 def explore(plot, **sliders):
     """Show ``plot(**values)`` with one slider per keyword (ipywidgets widgets).
 
-    ``plot`` draws on the current matplotlib figure and returns nothing.
+    ``plot`` draws on the current matplotlib figure and returns nothing. ``explore``
+    returns nothing either, so a call ending a cell does not display the widget twice.
     """
     from IPython.display import display
 
@@ -37,7 +38,7 @@ def explore(plot, **sliders):
         import ipywidgets
     except ImportError:  # no widgets installed: the static figure is all we can show
         display({"image/png": png, "text/plain": "<figure>"}, raw=True)
-        return None
+        return
 
     def draw(**kwargs):
         plot(**kwargs)
@@ -53,4 +54,3 @@ def explore(plot, **sliders):
         },
         raw=True,
     )
-    return ui

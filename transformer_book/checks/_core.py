@@ -67,6 +67,12 @@ def exercise(number: str, title: str):
     """Register a check for exercise ``number`` (e.g. ``"2.1"``) called ``title``."""
 
     def decorate(func):
+        other = REGISTRY.get(func.__name__)
+        if other is not None and other.func.__module__ != func.__module__:
+            raise RuntimeError(
+                f"two checks are called {func.__name__} ({other.func.__module__} and "
+                f"{func.__module__}): check names must be unique across chapters."
+            )
         check = Exercise(func, number, title)
         REGISTRY[check.name] = check
         return check
