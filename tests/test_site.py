@@ -52,7 +52,7 @@ def _browser_or_skip():
 @pytest.fixture(scope="module")
 def site():
     result = subprocess.run(
-        [sys.executable, "-m", "jupyter_book", "build", ".", "-W", "-n", "--keep-going"],
+        [str(Path(sys.executable).with_name("jupyter-book")), "build", ".", "-W", "-n", "--keep-going"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]

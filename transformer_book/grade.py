@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 CHECK_CALL = re.compile(r"^\s*(check_\w+)\s*\(", re.MULTILINE)
 ERROR_LINE = re.compile(r"^(\w*(?:Error|Exception|Failure|Interrupt)\w*): ?(.*)$", re.MULTILINE)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -70,16 +72,17 @@ class _Collector:
     def __init__(self):
         self.cells: dict[tuple[str, int], tuple[bool, str]] = {}
 
-    def pytest_runtest_logreport(self, report):
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        outcome = yield
+        report = outcome.get_result()
         if report.when != "call" and not (report.when == "setup" and report.failed):
             return
-        match = re.search(r"Cell (\d+)", report.nodeid)
-        if not match:
-            return
-        path = report.nodeid.split("::")[0]
-        # nbval numbers code cells from 0; exercises_in numbers them from 1
-        key = (os.path.basename(path), int(match.group(1)) + 1)
-        self.cells[key] = (report.passed, ANSI.sub("", report.longreprtext or ""))
+        match = re.fullmatch(r"Cell (\d+)", item.name)
+        if match:
+            # nbval numbers code cells from 0; exercises_in numbers them from 1
+            key = (item.path.name, int(match.group(1)) + 1)
+            self.cells[key] = (report.passed, ANSI.sub("", report.longreprtext or ""))
 
 
 def _error_sentence(text: str) -> str:
@@ -97,8 +100,6 @@ def plan(paths: list[Path]) -> list[tuple[Path, list[dict]]]:
 
 def run(plans: list[tuple[Path, list[dict]]]) -> list[dict]:
     """Execute the planned notebooks; return one result per exercise."""
-    import pytest
-
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "checks.jsonl"
         ini = Path(tmp) / "pytest.ini"

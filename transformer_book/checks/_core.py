@@ -41,21 +41,24 @@ class Exercise:
         return f"Exercise {self.number}: {self.title}"
 
     def __call__(self, *args, **kwargs):
+        # The check's own frames say nothing to a student: failures are re-raised from
+        # here with their traceback cut, so the message is what the notebook shows.
+        __tracebackhide__ = True  # noqa: F841 (read by pytest and IPython)
         try:
             self.func(*args, **kwargs)
         except CheckFailure as failure:
             _log(self, False, str(failure))
-            raise
+            raise failure.with_traceback(None)  # noqa: B904 (the cause, if any, is kept)
         except NotImplementedError as error:
             message = (
-                f"{self.label} is not done yet: replace `raise NotImplementedError()` "
-                "with your code, then run this cell again."
+                "not done yet: replace `raise NotImplementedError()` with your code, "
+                "then run this cell again."
             )
             _log(self, False, message)
             raise CheckFailure(message) from error
         except CheckUsageError as error:
             _log(self, False, str(error))
-            raise
+            raise error.with_traceback(None)  # noqa: B904
         _log(self, True, "passed")
         print(f"✓ {self.label}: passed")
 
