@@ -9,6 +9,7 @@ too, with pip replaced by a recorder (no network here).
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +46,14 @@ print("PIP", _pip_calls)
 @pytest.fixture(scope="module")
 def site_packages(tmp_path_factory):
     target = tmp_path_factory.mktemp("site-packages")
+    source = tmp_path_factory.mktemp("source")  # build from a copy: no build/ in the repo
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "transformer_book", source / "transformer_book",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT)],
+         "--target", str(target), str(source)],
         check=True,
         capture_output=True,
         cwd=target,
