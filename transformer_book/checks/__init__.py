@@ -5,7 +5,17 @@ inputs and edge cases, prints one line when it passes and raises ``CheckFailure`
 (an ``AssertionError``) naming the likely mistake when it does not.
 """
 
-from . import ch01, ch02  # noqa: F401  (importing registers the checks)
+from . import ch01, ch02, ch03, ch04, ch05, ch06  # noqa: F401  (importing registers the checks)
 from ._core import REGISTRY, CheckFailure, CheckUsageError
 
-__all__ = ["REGISTRY", "CheckFailure", "CheckUsageError", "ch01", "ch02"]
+__all__ = [
+    "REGISTRY",
+    "CheckFailure",
+    "CheckUsageError",
+    "ch01",
+    "ch02",
+    "ch03",
+    "ch04",
+    "ch05",
+    "ch06",
+]

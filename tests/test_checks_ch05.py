@@ -1,0 +1,352 @@
+"""The checks of chapter 5 pass the solutions, fail the stubs and name realistic mistakes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from notebook_code import namespace
+from torch import nn
+
+from transformer_book.checks import CheckFailure, CheckUsageError
+from transformer_book.checks.ch05 import (
+    check_gradient_norms,
+    check_residual_mlp,
+    check_residual_mlp_block,
+)
+
+NOTEBOOK = "05_residual_connections.ipynb"
+CHECKS = [
+    (check_residual_mlp_block, "ResidualMLPBlock"),
+    (check_residual_mlp, "ResidualMLP"),
+    (check_gradient_norms, "gradient_norms"),
+]
+
+
+@pytest.fixture(scope="module")
+def solutions():
+    return namespace(f"solutions/{NOTEBOOK}")
+
+
+@pytest.fixture(scope="module")
+def stubs():
+    return namespace(f"exercises/{NOTEBOOK}")
+
+
+@pytest.mark.parametrize("check, name", CHECKS)
+def test_passes_the_solution(check, name, solutions, capsys):
+    check(solutions[name])
+    assert "passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("check, name", CHECKS)
+def test_fails_the_stub(check, name, stubs):
+    with pytest.raises(CheckFailure, match="not done yet") as info:
+        check(stubs[name])
+    assert isinstance(info.value.__cause__, NotImplementedError)
+
+
+@pytest.mark.parametrize("check, _name", CHECKS)
+def test_refuses_a_tensor(check, _name):
+    with pytest.raises(CheckUsageError, match="expects"):
+        check(torch.randn(3))
+
+
+def test_block_checks_refuse_an_instance(solutions):
+    with pytest.raises(CheckUsageError, match="subclass of Module"):
+        check_residual_mlp_block(solutions["ResidualMLPBlock"](4, 8))
+
+
+# ------------------------------------------------------------ exercise 5.1: wrong blocks
+
+
+class _Block(nn.Module):
+    """The right layers; subclasses get the wiring wrong in one way each."""
+
+    def __init__(self, d_model, hidden):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, d_model)
+
+    def branch(self, z):
+        return self.fc2(torch.relu(self.fc1(z)))
+
+
+class NoSkip(_Block):
+    def forward(self, x):
+        return self.branch(self.norm(x))
+
+
+class ResidualAfterNorm(_Block):
+    def forward(self, x):
+        x = self.norm(x)
+        return x + self.branch(x)
+
+
+class PostNorm(_Block):
+    def forward(self, x):
+        return self.norm(x + self.branch(x))
+
+
+class NormOnOutput(_Block):
+    def forward(self, x):
+        return x + self.norm(self.branch(x))
+
+
+class NoNorm(_Block):
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+class NoActivation(_Block):
+    def forward(self, x):
+        return x + self.fc2(self.fc1(self.norm(x)))
+
+
+class DetachedSkip(_Block):
+    def forward(self, x):
+        return x.detach() + self.branch(self.norm(x))
+
+
+class InPlace(_Block):
+    def forward(self, x):
+        x += self.branch(self.norm(x))
+        return x
+
+
+class WrongWidth(_Block):
+    def __init__(self, d_model, hidden):
+        super().__init__(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+
+class OtherNames(nn.Module):
+    def __init__(self, d_model, hidden):
+        super().__init__()
+        self.ln = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, d_model))
+
+    def forward(self, x):
+        return x + self.mlp(self.ln(x))
+
+
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        (NoSkip, "skip connection is missing"),
+        (ResidualAfterNorm, "residual is added after the norm"),
+        (PostNorm, r"LN\(x \+ F\(x\)\): the norm is applied after the residual sum"),
+        (NormOnOutput, "norm is applied to the sublayer's output"),
+        (NoNorm, "`norm` is never applied"),
+        (NoActivation, "ReLU between fc1 and fc2 is missing"),
+        (DetachedSkip, "skip path detached"),
+        (InPlace, "changed its input in place"),
+        (WrongWidth, "fc2` maps 8 -> 8 features, expected 8 -> 4"),
+        (OtherNames, "has no submodule `norm`"),
+    ],
+)
+def test_block_check_names_the_mistake(block, message):
+    with pytest.raises(CheckFailure, match=message):
+        check_residual_mlp_block(block)
+
+
+# ------------------------------------------------------------ exercise 5.2: wrong stacks
+
+
+class _RightBlock(_Block):
+    def forward(self, x):
+        return x + self.branch(self.norm(x))
+
+
+class SharedBlocks(nn.Module):
+    def __init__(self, d_model, hidden, depth):
+        super().__init__()
+        self.blocks = nn.ModuleList([_RightBlock(d_model, hidden)] * depth)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class PythonList(nn.Module):
+    def __init__(self, d_model, hidden, depth):
+        super().__init__()
+        self.blocks = [_RightBlock(d_model, hidden) for _ in range(depth)]
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class DoubleSkip(nn.Module):
+    def __init__(self, d_model, hidden, depth):
+        super().__init__()
+        self.blocks = nn.ModuleList(_RightBlock(d_model, hidden) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+class OneBlockShort(DoubleSkip):
+    def __init__(self, d_model, hidden, depth):
+        super().__init__(d_model, hidden, depth - 1)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class BlocksNotApplied(DoubleSkip):
+    def forward(self, x):
+        return x
+
+
+class StackOfWrongBlocks(nn.Module):
+    def __init__(self, d_model, hidden, depth):
+        super().__init__()
+        self.blocks = nn.ModuleList(PostNorm(d_model, hidden) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (SharedBlocks, "share one set of weights"),
+        (PythonList, "Python list"),
+        (DoubleSkip, "skip is added twice"),
+        (OneBlockShort, "has 2 blocks, expected depth = 3"),
+        (BlocksNotApplied, "returns its input unchanged: forward does not apply the blocks"),
+        (StackOfWrongBlocks, "make check_residual_mlp_block pass first"),
+    ],
+)
+def test_stack_check_names_the_mistake(model, message):
+    with pytest.raises(CheckFailure, match=message):
+        check_residual_mlp(model)
+
+
+# ------------------------------------------------------------ exercise 5.3: wrong probes
+
+
+def _norms(layers, values):
+    out = []
+    for layer in layers:
+        squares = [values(p).pow(2).sum() for p in layer.parameters() if values(p) is not None]
+        out.append(torch.stack(squares).sum().sqrt() if squares else torch.tensor(0.0))
+    return torch.stack([v.float() for v in out])
+
+
+def no_zero_grad(layers, loss):
+    loss.backward()
+    return _norms(layers, lambda p: p.grad)
+
+
+def zero_grad_after_backward(layers, loss):
+    loss.backward()
+    for layer in layers:
+        layer.zero_grad(set_to_none=False)
+    return _norms(layers, lambda p: p.grad)
+
+
+def weight_norms(layers, loss):
+    return _norms(layers, lambda p: p.detach())
+
+
+def reversed_order(layers, loss):
+    layers = list(layers)
+    for layer in layers:
+        layer.zero_grad()
+    loss.backward()
+    return _norms(layers[::-1], lambda p: p.grad)
+
+
+def weights_only(layers, loss):
+    layers = list(layers)
+    for layer in layers:
+        layer.zero_grad()
+    loss.backward()
+    return _norms(layers, lambda p: p.grad if p.dim() > 1 else None)
+
+
+def squared(layers, loss):
+    layers = list(layers)
+    for layer in layers:
+        layer.zero_grad()
+    loss.backward()
+    return _norms(layers, lambda p: p.grad) ** 2
+
+
+def sum_of_norms(layers, loss):
+    layers = list(layers)
+    for layer in layers:
+        layer.zero_grad()
+    loss.backward()
+    out = []
+    for layer in layers:
+        norms = [p.grad.norm() for p in layer.parameters() if p.grad is not None]
+        out.append(torch.stack(norms).sum() if norms else torch.tensor(0.0))
+    return torch.stack([v.float() for v in out])
+
+
+def per_parameter(layers, loss):
+    layers = list(layers)
+    for layer in layers:
+        layer.zero_grad()
+    loss.backward()
+    return torch.stack([p.grad.norm().float() for layer in layers for p in layer.parameters()])
+
+
+def crashes_on_unused(layers, loss):
+    layers = list(layers)
+    for layer in layers:
+        layer.zero_grad()
+    loss.backward()
+    return torch.stack(
+        [torch.stack([p.grad.norm() for p in layer.parameters()]).norm() for layer in layers]
+    )
+
+
+@pytest.mark.parametrize(
+    "probe, message",
+    [
+        (no_zero_grad, "gradients left in .grad by an earlier backward pass"),
+        (zero_grad_after_backward, "every norm is 0"),
+        (weight_norms, "norms of the layers' weights, not of their gradients"),
+        (reversed_order, "reverse order"),
+        (weights_only, "only the weight matrices are counted"),
+        (squared, "squared norms"),
+        (sum_of_norms, "not a sum of norms"),
+        (per_parameter, "one per parameter tensor"),
+        (crashes_on_unused, "raised"),
+    ],
+)
+def test_probe_check_names_the_mistake(probe, message):
+    with pytest.raises(CheckFailure, match=message):
+        check_gradient_norms(probe)
+
+
+def test_probe_check_accepts_autograd_grad():
+    def with_autograd(layers, loss):
+        layers = list(layers)
+        params = [list(layer.parameters()) for layer in layers]
+        flat = [p for ps in params for p in ps]
+        grads = iter(torch.autograd.grad(loss, flat, allow_unused=True))
+        out = []
+        for ps in params:
+            total = torch.zeros(())
+            for _ in ps:
+                g = next(grads)
+                if g is not None:
+                    total = total + g.pow(2).sum()
+            out.append(total.sqrt())
+        return torch.stack(out)
+
+    check_gradient_norms(with_autograd)

@@ -1,0 +1,86 @@
+"""Time our MultiHeadAttention against torch.nn.MultiheadAttention (forward + backward).
+
+    python tools/benchmark_mha.py                  # batch 32, length 128, d_model 256, 8 heads
+    python tools/benchmark_mha.py --repeats 50 --device cuda
+
+Both modules get the same weights and the same input (self-attention, no mask, training
+mode, dropout 0). The runs alternate between the two modules, so that a machine busy with
+other work slows both alike; after a warm-up, the median time of each is reported, and
+their ratio (ours / PyTorch's). PyTorch's module is timed as it is called by default,
+returning its (head-averaged) attention weights, since ours always keeps its weights.
+The course's goal is a ratio of at most 1.2. This is a measurement, not a test: it never
+fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from transformer_book.multihead import MultiHeadAttention, copy_torch_mha_weights
+
+
+def forward_backward(module, x) -> None:
+    out = module(x, x, x)
+    out = out[0] if isinstance(out, tuple) else out  # PyTorch's returns (output, weights)
+    out.sum().backward()
+
+
+def median_times(modules, x, repeats: int, warmup: int) -> list[float]:
+    """Median seconds of one forward + backward pass of each module, runs interleaved."""
+    cuda = x.device.type == "cuda"
+    times: list[list[float]] = [[] for _ in modules]
+    for i in range(warmup + repeats):
+        for record, module in zip(times, modules):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            forward_backward(module, x)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(args.d_model, args.heads, batch_first=True)
+    ours = copy_torch_mha_weights(MultiHeadAttention(args.d_model, args.heads), theirs)
+    ours, theirs = ours.to(args.device), theirs.to(args.device)
+    x = torch.randn(
+        args.batch, args.length, args.d_model, device=args.device, requires_grad=True
+    )  # (B, L, d_model)
+    t_ours, t_theirs = median_times([ours, theirs], x, args.repeats, args.warmup)
+    ratio = t_ours / t_theirs
+    print(
+        f"forward+backward, batch {args.batch}, length {args.length}, d_model {args.d_model}, "
+        f"{args.heads} heads, {args.device}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} runs after {args.warmup} warm-up"
+    )
+    print(f"  ours (transformer_book.MultiHeadAttention): {t_ours * 1e3:8.2f} ms")
+    print(f"  torch.nn.MultiheadAttention:                {t_theirs * 1e3:8.2f} ms")
+    verdict = "within" if ratio <= 1.2 else "above"
+    print(f"  ratio ours / torch: {ratio:.3f} ({verdict} the goal of 1.2)")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,674 @@
+"""Checks for chapter 3, multi-head attention.
+
+The references are PyTorch's own: plain permutes for the head layouts, and
+``torch.nn.MultiheadAttention`` (with the student's weights copied into it, or its
+weights copied into the student's module) for the two attention modules. When an answer
+differs, the check recomputes the answers that the usual mistakes give (heads reshaped
+without the transpose, no output projection, the scale 1/sqrt(d_model) instead of
+1/sqrt(d_head), softmax over the queries, the mask inverted ...) and names the one that
+matches; only if none does it fall back to a general message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import nn
+
+from ._core import (
+    CheckFailure,
+    call,
+    exercise,
+    expect_callable,
+    expect_class,
+    expect_shape,
+    expect_tensor,
+    fail,
+)
+
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _close(actual, expected, atol: float = ATOL) -> bool:
+    if expected is None or not isinstance(actual, torch.Tensor):
+        return False
+    if tuple(actual.shape) != tuple(expected.shape):
+        return False
+    actual = actual.detach().to(expected.dtype)
+    return bool(torch.allclose(actual, expected, atol=atol, rtol=RTOL, equal_nan=True))
+
+
+def _attempt(compute):
+    """The value of a would-be wrong answer, or None when its shapes do not fit this case."""
+    try:
+        return compute()
+    except RuntimeError:
+        return None
+
+
+def _diagnose(actual, reference, wrong_answers, general: str) -> None:
+    """Fail with the message of the first wrong answer ``actual`` matches, else ``general``."""
+    if _close(actual, reference):
+        return
+    for compute, message in wrong_answers:
+        if _close(actual, _attempt(compute)):
+            fail(message)
+    fail(general)
+
+
+# ------------------------------------------------------- exercise 3.1: sequence-first heads
+
+
+def _split_reference(x, num_heads):
+    length, batch, d_model = x.shape
+    return x.reshape(length, batch, num_heads, d_model // num_heads).permute(1, 2, 0, 3)
+
+
+def _merge_reference(x):
+    batch, num_heads, length, d_head = x.shape
+    return x.permute(2, 0, 1, 3).reshape(length, batch, num_heads * d_head)
+
+
+# (L, batch, d_model, num_heads): L != batch in most cases, so that the two are told apart;
+# length 1, batch 1, one head, d_head = 1 and widths that are not powers of two.
+_HEAD_CASES = [(5, 3, 12, 3), (4, 2, 8, 2), (1, 2, 8, 4), (6, 1, 10, 2), (3, 4, 8, 8), (7, 2, 6, 1)]
+
+_VIEW_HINT = (
+    "after a permute or transpose (or on a transposed input) the tensor is not contiguous, "
+    "and `.view` cannot regroup its axes; use `.reshape` (which copies when it must) or "
+    "call `.contiguous()` first."
+)
+
+
+@exercise("3.1", "Heads for sequence-first tensors")
+def check_seq_first_heads(split_heads_seq_first, merge_heads_seq_first):
+    expect_callable(
+        split_heads_seq_first,
+        "your split function first",
+        "check_seq_first_heads(split_heads_seq_first, merge_heads_seq_first)",
+    )
+    expect_callable(
+        merge_heads_seq_first,
+        "your merge function second",
+        "check_seq_first_heads(split_heads_seq_first, merge_heads_seq_first)",
+    )
+    generator = torch.Generator().manual_seed(31)
+    for length, batch, d_model, num_heads in _HEAD_CASES:
+        x = torch.randn(length, batch, d_model, generator=generator)  # (L, B, d_model)
+        _check_split(split_heads_seq_first, x, num_heads)
+        heads = torch.randn(batch, num_heads, length, d_model // num_heads, generator=generator)
+        _check_merge(merge_heads_seq_first, heads)
+        back = call(
+            merge_heads_seq_first,
+            call(split_heads_seq_first, x, num_heads, what="split_heads_seq_first"),
+            what="merge_heads_seq_first",
+        )
+        if not torch.equal(expect_tensor(back, "merge(split(x))"), x):
+            fail("merge_heads_seq_first(split_heads_seq_first(x, h)) does not give x back.")
+
+    # A sequence-first tensor is often a transposed batch-first one: not contiguous.
+    batch_first = torch.randn(3, 5, 12, generator=generator)  # (B, L, d_model)
+    x = batch_first.transpose(0, 1)  # (L, B, d_model), a non-contiguous view
+    _check_split(split_heads_seq_first, x, 4, note=" (on a non-contiguous input)")
+
+
+def _call_noting_view(fn, *args, what):
+    try:
+        return call(fn, *args, what=what)
+    except CheckFailure as failure:
+        cause = failure.__cause__
+        if isinstance(cause, RuntimeError) and "view" in str(cause):
+            fail(f"{what} raised RuntimeError in `.view`: {_VIEW_HINT}")
+        raise
+
+
+def _check_split(split, x, num_heads, note=""):
+    what = "split_heads_seq_first"
+    length, batch, d_model = x.shape
+    d_head = d_model // num_heads
+    got = expect_tensor(_call_noting_view(split, x, num_heads, what=what), f"what {what} returns")
+    expected_shape = (batch, num_heads, length, d_head)
+    if tuple(got.shape) != expected_shape:
+        if tuple(got.shape) == (length, num_heads, batch, d_head) and length != batch:
+            fail(
+                f"{what} returned shape {_fmt(got.shape)}, expected {_fmt(expected_shape)}: the "
+                "sequence axis is still first. The input is (L, batch, d_model); the output "
+                "must be batch-first, (batch, heads, L, d_head)."
+            )
+        expect_shape(got, expected_shape, f"The result of {what}(x, {num_heads}) for x {_fmt(x.shape)}")
+    wrong = [
+        (
+            lambda: x.reshape(batch, num_heads, length, d_head),
+            f"{what} reshapes straight to (batch, heads, L, d_head) without moving any axis. "
+            "reshape keeps memory order, where x is stored position by position, so the "
+            "'heads' hold slices of the wrong tokens and sequences. Reshape to "
+            "(L, batch, heads, d_head), then permute the axes into place.",
+        ),
+        (
+            lambda: x.transpose(0, 1).reshape(batch, num_heads, length, d_head),
+            f"{what} moves the batch axis to the front but then reshapes straight to "
+            "(batch, heads, L, d_head): the reshape-without-transpose bug. Positions get "
+            "mixed across heads; reshape to (batch, L, heads, d_head) and transpose L and heads.",
+        ),
+        (
+            lambda: x.reshape(batch, length, num_heads, d_head).transpose(1, 2),
+            f"{what} reads the (L, batch, d_model) input as if it were (batch, L, d_model) "
+            "with a reshape: that reinterprets memory and mixes sequences of the batch. "
+            "Swap axes with permute/transpose; reshape only splits d_model.",
+        ),
+        (
+            lambda: x.reshape(length, batch, d_head, num_heads).permute(1, 3, 0, 2),
+            f"In {what}, head i holds features i, i + num_heads, i + 2 * num_heads, ...: the "
+            "last axis was cut as (d_head, num_heads). Cut it as (num_heads, d_head), so that "
+            "head i gets the consecutive features i * d_head to (i + 1) * d_head - 1.",
+        ),
+    ]
+    _diagnose_exact(
+        got,
+        _split_reference(x, num_heads),
+        wrong,
+        f"{what}(x, {num_heads}) for x of shape {_fmt(x.shape)}{note} has the right shape but "
+        "the wrong contents: out[b, h, t] should be x[t, b, h * d_head:(h + 1) * d_head].",
+    )
+
+
+def _check_merge(merge, heads):
+    what = "merge_heads_seq_first"
+    batch, num_heads, length, d_head = heads.shape
+    d_model = num_heads * d_head
+    got = expect_tensor(_call_noting_view(merge, heads, what=what), f"what {what} returns")
+    expected_shape = (length, batch, d_model)
+    if tuple(got.shape) != expected_shape:
+        if tuple(got.shape) == (batch, length, d_model) and length != batch:
+            fail(
+                f"{what} returned shape {_fmt(got.shape)}, expected {_fmt(expected_shape)}: that "
+                "is batch-first. This exercise wants sequence-first output, (L, batch, d_model)."
+            )
+        expect_shape(got, expected_shape, f"The result of {what} for heads {_fmt(heads.shape)}")
+    wrong = [
+        (
+            lambda: heads.reshape(length, batch, d_model),
+            f"{what} reshapes straight to (L, batch, d_model) without moving any axis: "
+            "reshape keeps memory order, where the heads are stored one after the other, so "
+            "features of different positions and heads get glued together. Permute to "
+            "(L, batch, heads, d_head) first, then reshape.",
+        ),
+        (
+            lambda: heads.transpose(1, 2).reshape(length, batch, d_model),
+            f"{what} builds the batch-first (batch, L, d_model) and then reshapes it to "
+            "(L, batch, d_model): that reinterprets memory and mixes the sequences. "
+            "Swap the batch and sequence axes with permute/transpose.",
+        ),
+        (
+            lambda: heads.permute(2, 0, 3, 1).reshape(length, batch, d_model),
+            f"{what} interleaves the heads (feature 0 of every head, then feature 1 ...). "
+            "Concatenate them instead: head 0's d_head features, then head 1's, so put the "
+            "heads axis before d_head: (L, batch, heads, d_head).",
+        ),
+    ]
+    _diagnose_exact(
+        got,
+        _merge_reference(heads),
+        wrong,
+        f"{what} for heads of shape {_fmt(heads.shape)} has the right shape but the wrong "
+        "contents: out[t, b, h * d_head:(h + 1) * d_head] should be heads[b, h, t].",
+    )
+
+
+def _diagnose_exact(actual, reference, wrong_answers, general: str) -> None:
+    """Like _diagnose, for pure data movement: the answer must be exactly right."""
+    if torch.equal(actual.detach(), reference):
+        return
+    for compute, message in wrong_answers:
+        candidate = _attempt(compute)
+        if candidate is not None and candidate.shape == actual.shape:
+            if torch.equal(actual.detach(), candidate):
+                fail(message)
+    fail(general)
+
+
+# ------------------------------------------------------------- the attention reference
+
+
+def _torch_attn_mask(mask, batch, num_heads, lq, lk):
+    """Our mask (True = may attend) as nn.MultiheadAttention's attn_mask (True = blocked)."""
+    if mask is None:
+        return None
+    return ~mask.expand(batch, num_heads, lq, lk).reshape(batch * num_heads, lq, lk)
+
+
+def _attend(q, k, v, mask, d_model, *, scale="head", softmax_dim=-1, mask_mode="ok"):
+    """Scaled dot-product attention over (B, heads, L, d_head) tensors, with optional mistakes."""
+    d_head = q.shape[-1]
+    scores = q @ k.transpose(-2, -1)  # (B, heads, Lq, Lk)
+    if scale == "head":
+        scores = scores / math.sqrt(d_head)
+    elif scale == "model":
+        scores = scores / math.sqrt(d_model)
+    elif scale == "head_not_root":
+        scores = scores / d_head
+    if mask is not None and mask_mode in ("ok", "inverted"):
+        allowed = mask if mask_mode == "ok" else ~mask
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, dim=softmax_dim)
+    if mask is not None and mask_mode == "after":
+        weights = weights * mask
+    return weights @ v, weights  # (B, heads, Lq, d_head), (B, heads, Lq, Lk)
+
+
+def _split(x, num_heads, bug=False):
+    batch, length, d_model = x.shape
+    if bug:
+        return x.reshape(batch, num_heads, length, d_model // num_heads)
+    return x.reshape(batch, length, num_heads, d_model // num_heads).transpose(1, 2)
+
+
+def _merge(x, bug=False):
+    batch, num_heads, length, d_head = x.shape
+    if bug:
+        return x.reshape(batch, length, num_heads * d_head)
+    return x.transpose(1, 2).reshape(batch, length, num_heads * d_head)
+
+
+# The mistakes any multi-head module can make: options for a module's ``variant(**options)``,
+# which returns the (output, weights) that the module with that mistake would give.
+_MISTAKES = [
+        (
+            dict(out_proj=False),
+            "Your output equals the concatenated heads before the output projection: "
+            "apply w_o to the merged heads. Without it the heads are never mixed.",
+        ),
+        (
+            dict(scale="none"),
+            "Your output matches attention without the 1/sqrt(d_head) scale: divide the "
+            "scores q @ k^T by sqrt(d_head) before the softmax.",
+        ),
+        (
+            dict(scale="model"),
+            "Your output matches scores divided by sqrt(d_model). The d_k of the formula is "
+            "the width of one head, d_head = d_model // num_heads: that is the length of "
+            "the dot products being scaled.",
+        ),
+        (
+            dict(scale="head_not_root"),
+            "Your output matches scores divided by d_head: the scale is 1/sqrt(d_head).",
+        ),
+        (
+            dict(softmax_dim=-2),
+            "Your output matches a softmax over the queries (dim=-2): the softmax runs over "
+            "the keys, the last axis, so each query's weights sum to 1.",
+        ),
+        (
+            dict(split_bug=True),
+            "Your output matches the heads split with a reshape to (batch, heads, L, d_head) "
+            "and no transpose: positions get mixed across heads. Reshape to "
+            "(batch, L, heads, d_head), then transpose(1, 2).",
+        ),
+        (
+            dict(merge_bug=True),
+            "Your output matches the heads merged with a reshape to (batch, L, d_model) and "
+            "no transpose: features of different positions get glued together. "
+            "transpose(1, 2) back to (batch, L, heads, d_head) before the reshape.",
+        ),
+        (
+            dict(split_bug=True, merge_bug=True),
+            "Your output matches heads split and merged with plain reshapes, without the "
+            "transposes: the shapes fit but positions are mixed across heads. Split with "
+            "reshape to (batch, L, heads, d_head) + transpose(1, 2), and merge the reverse way.",
+        ),
+        (
+            dict(mask_mode="inverted"),
+            "Your output matches the mask inverted: in this course True means 'may attend', "
+            "so fill the scores with -inf where the mask is False (~mask).",
+        ),
+        (
+            dict(mask_mode="after"),
+            "Your output matches the weights multiplied by the mask after the softmax: the "
+            "rows then no longer sum to 1. Mask the scores before the softmax.",
+        ),
+        (
+            dict(mask_mode="ignored"),
+            "Your output matches attention without the mask: pass it on, or fill the masked "
+            "scores with -inf before the softmax.",
+        ),
+]
+
+
+def _diagnose_module(output, weights, reference, variant, general):
+    """Compare (output, weights) with the reference, naming a known mistake on a mismatch."""
+    ref_out, ref_w = reference
+    if not _close(output, ref_out):
+        for options, message in _MISTAKES:
+            candidate = _attempt(lambda options=options: variant(**options)[0])
+            if _close(output, candidate):
+                fail(message)
+        fail(general)
+    _check_stored_weights(weights, ref_w)
+
+
+def _check_stored_weights(weights, ref_w):
+    if weights is None:
+        fail(
+            "Your module does not keep the weights: set self.attention_weights to the "
+            "(batch, heads, Lq, Lk) attention weights in forward."
+        )
+    expect_tensor(weights, "self.attention_weights")
+    shape = tuple(ref_w.shape)
+    if tuple(weights.shape) == shape[:1] + shape[2:] and _close(weights, ref_w.mean(1)):
+        fail(
+            "self.attention_weights holds the weights averaged over the heads: keep one map "
+            f"per head, shape (batch, heads, Lq, Lk) = {_fmt(shape)}."
+        )
+    expect_shape(weights, shape, "self.attention_weights")
+    if not _close(weights, ref_w):
+        sums = weights.detach().double().sum(-1)
+        if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
+            fail(
+                "Your output is right but self.attention_weights rows do not sum to 1 over "
+                "the keys: store the weights after the softmax (and before any dropout)."
+            )
+        fail(
+            "Your output is right but self.attention_weights differs from the weights that "
+            "produced it: store the weights of the last call, per head, after the softmax."
+        )
+
+
+def _module_mask(kind, batch, lq, lk, generator):
+    """A mask in our convention with no fully masked row, or None."""
+    if kind is None:
+        return None
+    if kind == "causal":
+        return torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=max(lk - lq, 0))  # (Lq, Lk)
+    keep = torch.rand(batch, 1, 1, lk, generator=generator) > 0.4  # (B, 1, 1, Lk)
+    keep[..., 0] = True  # every query keeps key 0
+    return keep
+
+
+def _instantiate(cls, name, *args, **kwargs):
+    shown = ", ".join([str(a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()])
+    module = call(cls, *args, what=f"{name}({shown})", **kwargs)
+    if not isinstance(module, nn.Module):
+        fail(f"{name}({shown}) did not build an nn.Module.")
+    return module.eval()
+
+
+def _expect_linear(module, attr, name, d_in, d_out, bias, hint):
+    layer = getattr(module, attr, None)
+    if not isinstance(layer, nn.Linear):
+        fail(f"{name} has no nn.Linear called {attr}: {hint}")
+    if tuple(layer.weight.shape) != (d_out, d_in):
+        fail(
+            f"{name}.{attr}.weight has shape {_fmt(layer.weight.shape)}, expected "
+            f"{_fmt((d_out, d_in))}: {hint}"
+        )
+    if (layer.bias is not None) != bias:
+        has = "has" if layer.bias is not None else "has no"
+        fail(f"{name}.{attr} {has} bias although bias={bias}: pass bias=bias to nn.Linear.")
+    return layer
+
+
+def _expect_value_error(cls, name, d_model, num_heads):
+    try:
+        cls(d_model, num_heads)
+    except ValueError:
+        return
+    except NotImplementedError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any other exception is the wrong one
+        fail(
+            f"{name}({d_model}, {num_heads}) raised {type(error).__name__}; d_model not "
+            "divisible by num_heads should raise ValueError with a clear sentence."
+        )
+    fail(
+        f"{name}({d_model}, {num_heads}) built a module although {d_model} is not divisible "
+        f"by {num_heads}: raise ValueError, since every head needs d_model // num_heads features."
+    )
+
+
+# -------------------------------------------------------- exercise 3.2: fused projection
+
+# (batch, L, d_model, num_heads, bias, mask kind)
+_FUSED_CASES = [
+    (2, 5, 12, 3, True, None),
+    (3, 7, 20, 4, False, "causal"),
+    (2, 6, 16, 4, True, "padding"),
+    (1, 1, 8, 2, True, None),
+    (2, 4, 6, 1, True, "padding"),
+]
+
+
+@exercise("3.2", "Multi-head attention with one fused QKV projection")
+def check_fused_mha(FusedMultiHeadAttention):  # noqa: N803 - the student's class
+    expect_class(
+        FusedMultiHeadAttention,
+        nn.Module,
+        "your module class (not an instance)",
+        "check_fused_mha(FusedMultiHeadAttention)",
+    )
+    generator = torch.Generator().manual_seed(32)
+    for case in _FUSED_CASES:
+        _fused_case(FusedMultiHeadAttention, *case, generator=generator)
+    _expect_value_error(FusedMultiHeadAttention, "FusedMultiHeadAttention", 10, 3)
+
+
+def _fused_case(cls, batch, length, d_model, num_heads, bias, mask_kind, generator):
+    name = "FusedMultiHeadAttention"
+    torch.manual_seed(0)
+    ours = _instantiate(cls, name, d_model, num_heads, bias=bias)
+    hint = "the fused projection is nn.Linear(d_model, 3 * d_model, bias=bias)."
+    w_qkv = _expect_linear(ours, "w_qkv", name, d_model, 3 * d_model, bias, hint)
+    w_o = _expect_linear(
+        ours, "w_o", name, d_model, d_model, bias, "w_o is nn.Linear(d_model, d_model)."
+    )
+    theirs = nn.MultiheadAttention(d_model, num_heads, bias=bias, batch_first=True).eval()
+    with torch.no_grad():
+        if bias:  # PyTorch initialises its biases to zero, which would hide a misplaced bias
+            theirs.in_proj_bias.normal_(generator=generator)
+            theirs.out_proj.bias.normal_(generator=generator)
+            w_qkv.bias.copy_(theirs.in_proj_bias)
+            w_o.bias.copy_(theirs.out_proj.bias)
+        w_qkv.weight.copy_(theirs.in_proj_weight)
+        w_o.weight.copy_(theirs.out_proj.weight)
+    expected_params = sum(p.numel() for p in theirs.parameters())
+    got_params = sum(p.numel() for p in ours.parameters())
+    if got_params != expected_params:
+        fail(
+            f"{name}({d_model}, {num_heads}, bias={bias}) has {got_params} parameters; "
+            f"nn.MultiheadAttention of that size has {expected_params} (w_qkv and w_o "
+            "only). Remove the extra parameters."
+        )
+
+    x = torch.randn(batch, length, d_model, generator=generator, requires_grad=True)
+    mask = _module_mask(mask_kind, batch, length, length, generator)
+    attn_mask = _torch_attn_mask(mask, batch, num_heads, length, length)
+    ref_out, ref_w = theirs(x, x, x, attn_mask=attn_mask, average_attn_weights=False)
+    args = (x,) if mask is None else (x, mask)
+    what = f"{name}.forward (x {_fmt(x.shape)}, mask {mask_kind})"
+    output = call(ours, *args, what=what)
+    expect_shape(output, (batch, length, d_model), f"The output of {what}")
+
+    def project(x, weight, bias_):
+        y = x.double() @ weight.double().T
+        return y if bias_ is None else y + bias_.double()
+
+    def variant(out_proj=True, split_bug=False, merge_bug=False, order=(0, 1, 2), **attend):
+        with torch.no_grad():
+            qkv = project(x, theirs.in_proj_weight, theirs.in_proj_bias)  # (B, L, 3 * d_model)
+            parts = qkv.chunk(3, dim=-1)  # q, k, v, each (B, L, d_model)
+            q, k, v = (_split(parts[i], num_heads, split_bug) for i in order)
+            heads, weights = _attend(q, k, v, mask, d_model, **attend)
+            merged = _merge(heads, merge_bug)  # (B, L, d_model)
+            if out_proj:
+                merged = project(merged, theirs.out_proj.weight, theirs.out_proj.bias)
+            return merged, weights
+
+    if not _close(output, ref_out.detach().double()):
+        _fused_layout_mistakes(output, variant)
+    _diagnose_module(
+        output,
+        getattr(ours, "attention_weights", None),
+        (ref_out.detach().double(), ref_w.detach().double()),
+        variant,
+        f"The output of {what} differs from nn.MultiheadAttention with the same weights. "
+        "Check the order: project, cut into q, k, v, split heads, scaled dot-product "
+        "attention per head, merge, w_o.",
+    )
+
+    # gradients reach the input and the fused weight as in PyTorch's module
+    grad_out = torch.randn(batch, length, d_model, generator=generator)
+    grad_x, grad_w = torch.autograd.grad(ref_out, (x, theirs.in_proj_weight), grad_out)
+    mine = None
+    if output.requires_grad:
+        mine = call(
+            torch.autograd.grad,
+            output,
+            (x, w_qkv.weight),
+            grad_out,
+            allow_unused=True,
+            what="backward through your module",
+        )
+    if mine is None or mine[0] is None or mine[1] is None or not (
+        _close(mine[0], grad_x) and _close(mine[1], grad_w)
+    ):
+        fail(
+            "The output is right but its gradients differ from nn.MultiheadAttention's "
+            "(or do not reach x or w_qkv.weight): is part of the computation detached, "
+            "done on .data, or outside autograd (e.g. under torch.no_grad)?"
+        )
+
+
+def _fused_layout_mistakes(output, variant):
+    """Mistakes in cutting w_qkv's output into q, k and v: the wrong order."""
+    names = "qkv"
+    for order in itertools.permutations(range(3)):
+        if order == (0, 1, 2):
+            continue
+        if _close(output, _attempt(lambda order=order: variant(order=order)[0])):
+            taken = ", ".join(names[i] for i in order)
+            fail(
+                f"Your output matches w_qkv's output cut into ({taken}) in that order. The "
+                "packed layout (that of nn.MultiheadAttention's in_proj_weight) is rows "
+                "0:d_model for q, d_model:2*d_model for k, 2*d_model:3*d_model for v."
+            )
+
+
+# ------------------------------------------------------------ exercise 3.3: multi-query
+
+# (batch, Lq, Lk, d_model, num_heads, bias, mask kind); self-attention when Lq == Lk.
+# The first case has batch == heads, where keys not unsqueezed to (B, 1, Lk, d_head) still
+# run (broadcasting pairs sequence i with head i) and can be recognised.
+_MQA_CASES = [
+    (3, 4, 7, 12, 3, True, "padding"),
+    (2, 5, 5, 12, 3, True, None),
+    (2, 6, 6, 20, 5, False, "causal"),
+    (1, 1, 3, 8, 2, True, None),
+    (2, 3, 5, 8, 1, True, None),
+]
+
+
+@exercise("3.3", "Multi-query attention")
+def check_multi_query_attention(MultiQueryAttention):  # noqa: N803 - the student's class
+    expect_class(
+        MultiQueryAttention,
+        nn.Module,
+        "your module class (not an instance)",
+        "check_multi_query_attention(MultiQueryAttention)",
+    )
+    generator = torch.Generator().manual_seed(33)
+    for case in _MQA_CASES:
+        _mqa_case(MultiQueryAttention, *case, generator=generator)
+    _expect_value_error(MultiQueryAttention, "MultiQueryAttention", 10, 4)
+
+
+def _mqa_case(cls, batch, lq, lk, d_model, num_heads, bias, mask_kind, generator):
+    name = "MultiQueryAttention"
+    d_head = d_model // num_heads
+    torch.manual_seed(0)
+    ours = _instantiate(cls, name, d_model, num_heads, bias=bias)
+    square = "w_q and w_o are nn.Linear(d_model, d_model)."
+    shared = (
+        "in multi-query attention the keys and the values are projected once, to a "
+        "single head of d_head = d_model // num_heads features shared by every query "
+        "head: nn.Linear(d_model, d_head)."
+    )
+    w_q = _expect_linear(ours, "w_q", name, d_model, d_model, bias, square)
+    w_k = _expect_linear(ours, "w_k", name, d_model, d_head, bias, shared)
+    w_v = _expect_linear(ours, "w_v", name, d_model, d_head, bias, shared)
+    w_o = _expect_linear(ours, "w_o", name, d_model, d_model, bias, square)
+    expected_params = 2 * d_model * d_model + 2 * d_model * d_head
+    expected_params += (2 * d_model + 2 * d_head) if bias else 0
+    got_params = sum(p.numel() for p in ours.parameters())
+    if got_params != expected_params:
+        fail(
+            f"{name}({d_model}, {num_heads}, bias={bias}) has {got_params} parameters, "
+            f"expected {expected_params} (w_q, w_k, w_v, w_o only)."
+        )
+    with torch.no_grad():
+        for layer in (w_q, w_k, w_v, w_o):
+            layer.weight.normal_(generator=generator).div_(math.sqrt(d_model))
+            if bias:
+                layer.bias.normal_(generator=generator)
+
+    # PyTorch's module with the shared key and value projections repeated for every head
+    theirs = nn.MultiheadAttention(d_model, num_heads, bias=bias, batch_first=True).eval()
+    with torch.no_grad():
+        repeat_k, repeat_v = w_k.weight.repeat(num_heads, 1), w_v.weight.repeat(num_heads, 1)
+        theirs.in_proj_weight.copy_(torch.cat([w_q.weight, repeat_k, repeat_v]))  # (3d, d)
+        theirs.out_proj.weight.copy_(w_o.weight)
+        if bias:
+            repeat_k, repeat_v = w_k.bias.repeat(num_heads), w_v.bias.repeat(num_heads)
+            theirs.in_proj_bias.copy_(torch.cat([w_q.bias, repeat_k, repeat_v]))
+            theirs.out_proj.bias.copy_(w_o.bias)
+
+    query = torch.randn(batch, lq, d_model, generator=generator)
+    if lq == lk:
+        key = value = query
+    else:
+        key = torch.randn(batch, lk, d_model, generator=generator)
+        value = torch.randn(batch, lk, d_model, generator=generator)
+    mask = _module_mask(mask_kind, batch, lq, lk, generator)
+    attn_mask = _torch_attn_mask(mask, batch, num_heads, lq, lk)
+    with torch.no_grad():
+        ref_out, ref_w = theirs(query, key, value, attn_mask=attn_mask, average_attn_weights=False)
+    what = f"{name}.forward (query {_fmt(query.shape)}, key {_fmt(key.shape)}, mask {mask_kind})"
+    output = call(ours, query, key, value, mask, what=what)
+    expect_shape(output, (batch, lq, d_model), f"The output of {what}")
+
+    def project(layer, x):
+        y = x.double() @ layer.weight.double().T
+        return y if layer.bias is None else y + layer.bias.double()
+
+    def variant(out_proj=True, split_bug=False, merge_bug=False, kv_by_batch=False, **attend):
+        with torch.no_grad():
+            q = _split(project(w_q, query), num_heads, split_bug)  # (B, heads, Lq, d_head)
+            k, v = project(w_k, key), project(w_v, value)  # (B, Lk, d_head)
+            # kv_by_batch: (B, Lk, d_head) broadcast against (B, heads, ...) as (1, B, ...)
+            k, v = (k.unsqueeze(0), v.unsqueeze(0)) if kv_by_batch else (k[:, None], v[:, None])
+            heads, weights = _attend(q, k, v, mask, d_model, **attend)
+            merged = _merge(heads, merge_bug)  # (B, Lq, d_model)
+            return (project(w_o, merged) if out_proj else merged), weights
+
+    reference = (ref_out.double(), ref_w.double())
+    if batch == num_heads and not _close(output, reference[0]):
+        if _close(output, _attempt(lambda: variant(kv_by_batch=True)[0])):
+            fail(
+                "Your output matches the shared keys used as (batch, Lk, d_head) against "
+                "queries of shape (batch, heads, Lq, d_head): broadcasting lines the batch "
+                "axis of the keys up with the heads axis, so head i reads sequence i. "
+                "unsqueeze(1) the keys and values to (batch, 1, Lk, d_head)."
+            )
+    _diagnose_module(
+        output,
+        getattr(ours, "attention_weights", None),
+        reference,
+        variant,
+        f"The output of {what} differs from multi-head attention whose heads all use "
+        "your w_k and w_v. Check: queries split into heads, one key and one value head "
+        "broadcast over the query heads, scale 1/sqrt(d_head), merge, w_o.",
+    )

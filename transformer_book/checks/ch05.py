@@ -1,0 +1,487 @@
+"""Checks for the exercises of chapter 5, residual connections.
+
+Each check runs the student's code on several shapes, computes the reference with the
+student's *own* parameters (so that only the wiring is judged, not the random
+initialization) and, when the two differ, first compares the result with what the usual
+mistakes would produce, so that the failure names the likely misconception.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._core import call, exercise, expect_callable, expect_class, expect_shape, expect_tensor, fail
+
+# (d_model, hidden, input shape): several leading shapes, d_model not a power of two.
+_BLOCK_CASES = [(4, 8, (3, 4)), (6, 10, (2, 5, 6)), (7, 3, (1, 1, 7)), (5, 16, (5,))]
+# (d_model, hidden, depth, input shape)
+_STACK_CASES = [(4, 8, 3, (2, 3, 4)), (6, 5, 1, (4, 6)), (7, 16, 5, (1, 2, 7))]
+
+
+def _same(actual, expected, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
+    """Whether ``actual`` is a tensor equal to ``expected`` within tolerance."""
+    return (
+        isinstance(actual, torch.Tensor)
+        and actual.shape == expected.shape
+        and bool(torch.allclose(actual.detach().to(expected.dtype), expected, atol=atol, rtol=rtol))
+    )
+
+
+def _diagnose(actual, candidates) -> None:
+    """Fail with the message of the first (wrong result, message) pair ``actual`` matches."""
+    for wrong, message in candidates:
+        if _same(actual, wrong):
+            fail(message)
+
+
+def _input(shape, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Inputs with a non-zero mean and a non-unit spread, so that a LayerNorm changes them."""
+    generator = torch.Generator().manual_seed(seed)
+    x = 2.0 * torch.randn(*shape, generator=generator, dtype=torch.float64) + 0.7
+    return x.to(dtype)
+
+
+# ----------------------------------------------------------------- exercise 5.1 and 5.2
+
+
+def _block_layers(block, d_model: int, hidden: int, where: str):
+    """The ``norm``, ``fc1`` and ``fc2`` of a block, with their sizes checked."""
+    norm, fc1, fc2 = (getattr(block, name, None) for name in ("norm", "fc1", "fc2"))
+    for name, layer in [("norm", norm), ("fc1", fc1), ("fc2", fc2)]:
+        if not isinstance(layer, nn.Module):
+            fail(
+                f"{where} has no submodule `{name}`: create `self.norm = nn.LayerNorm(d_model)`, "
+                "`self.fc1 = nn.Linear(d_model, hidden)` and `self.fc2 = nn.Linear(hidden, d_model)` "
+                "in __init__ (the check looks the layers up by these names)."
+            )
+    for name, layer, n_in, n_out in [("fc1", fc1, d_model, hidden), ("fc2", fc2, hidden, d_model)]:
+        if not isinstance(layer, nn.Linear):
+            fail(f"{where}: `{name}` should be an nn.Linear, but it is a {type(layer).__name__}.")
+        if (layer.in_features, layer.out_features) != (n_in, n_out):
+            fail(
+                f"{where}: `{name}` maps {layer.in_features} -> {layer.out_features} features, "
+                f"expected {n_in} -> {n_out} for d_model={d_model}, hidden={hidden}: "
+                "fc1 widens d_model to hidden and fc2 brings it back to d_model, "
+                "so that the branch keeps the input's shape."
+            )
+    shape = getattr(norm, "normalized_shape", None)
+    if shape is not None and tuple(shape) != (d_model,):
+        fail(
+            f"{where}: `norm` normalizes over {tuple(shape)}, expected ({d_model},): "
+            "each token is normalized over its d_model features, nn.LayerNorm(d_model)."
+        )
+    return norm, fc1, fc2
+
+
+def _randomize(block, seed: int) -> None:
+    """Give the block's norm a gain and a shift away from 1 and 0, so every placement differs."""
+    generator = torch.Generator().manual_seed(seed)
+    weight, bias = getattr(block.norm, "weight", None), getattr(block.norm, "bias", None)
+    with torch.no_grad():
+        if isinstance(weight, torch.Tensor):
+            noise = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
+            weight.copy_(1.0 + 0.3 * noise)
+        if isinstance(bias, torch.Tensor):
+            bias.copy_(0.3 * torch.randn(bias.shape, generator=generator, dtype=torch.float64))
+
+
+def _zero_fc2(block) -> None:
+    with torch.no_grad():
+        block.fc2.weight.zero_()
+        if block.fc2.bias is not None:
+            block.fc2.bias.zero_()
+
+
+def _block_reference(block, x):
+    """x + fc2(relu(fc1(norm(x)))) with the block's own layers, and the usual mistakes."""
+    norm, fc1, fc2 = block.norm, block.fc1, block.fc2
+
+    def branch(z):
+        return fc2(torch.relu(fc1(z)))
+
+    with torch.no_grad():
+        normed = norm(x)
+        right = x + branch(normed)
+        wrong = [
+            (
+                branch(normed),
+                "the output equals F(LN(x)) with nothing added: the skip connection is missing. "
+                "Return x + F(LN(x)), so that the block only adds a change to its input.",
+            ),
+            (
+                normed + branch(normed),
+                "the output equals LN(x) + F(LN(x)): the residual is added after the norm "
+                "(e.g. `x = self.norm(x)` and then `x + ...`), so the skip carries the normalized "
+                "input. The norm belongs on the branch only, before the sublayer: "
+                "y = x + F(LN(x)), with the raw x on the skip path.",
+            ),
+            (
+                norm(x + branch(x)),
+                "the output equals LN(x + F(x)): the norm is applied after the residual sum "
+                "(post-LN, the original transformer's placement). This exercise asks for the "
+                "pre-LN block, y = x + F(LN(x)), whose skip path is an exact identity.",
+            ),
+            (
+                norm(x + branch(normed)),
+                "the output equals LN(x + F(LN(x))): the block normalizes twice, and the last "
+                "norm, after the residual sum, removes the identity path. Return x + F(LN(x)).",
+            ),
+            (
+                x + norm(branch(x)),
+                "the output equals x + LN(F(x)): the norm is applied to the sublayer's output. "
+                "It belongs before the sublayer, on its input: y = x + F(LN(x)).",
+            ),
+            (
+                x + branch(x),
+                "the output equals x + F(x): `norm` is never applied. Normalize the branch's "
+                "input: y = x + fc2(relu(fc1(norm(x)))).",
+            ),
+            (
+                x + fc2(fc1(normed)),
+                "the output equals x + fc2(fc1(LN(x))): the ReLU between fc1 and fc2 is missing, "
+                "so the branch is a single linear map.",
+            ),
+            (
+                x + torch.relu(fc2(torch.relu(fc1(normed)))),
+                "the output equals x + ReLU(fc2(ReLU(fc1(LN(x))))): there is a ReLU after fc2. "
+                "With it the branch can only add positive values; the activation goes between "
+                "fc1 and fc2 only.",
+            ),
+        ]
+    return right, wrong
+
+
+def _check_block_output(block, x, d_model: int, hidden: int, where: str) -> None:
+    before = x.clone()
+    out = call(block, x, what=f"{where}'s forward")
+    if not torch.equal(x, before):
+        fail(
+            f"{where}'s forward changed its input in place (e.g. `x += ...`): the caller's tensor "
+            "is overwritten. Return a new tensor, `x + branch`."
+        )
+    expect_shape(out, x.shape, f"{where}'s output for an input of shape {tuple(x.shape)}")
+    right, wrong = _block_reference(block, x)
+    if _same(out, right):
+        return
+    _diagnose(out, [(value, f"{where}: {message}") for value, message in wrong])
+    worst = (out.detach().to(right.dtype) - right).abs().max().item()
+    fail(
+        f"{where}'s output differs from x + fc2(relu(fc1(norm(x)))) computed with its own layers "
+        f"(d_model={d_model}, hidden={hidden}, input {tuple(x.shape)}; largest difference "
+        f"{worst:.3g})."
+    )
+
+
+@exercise("5.1", "A pre-norm residual MLP block")
+def check_residual_mlp_block(block_class):
+    expect_class(
+        block_class, nn.Module, "your block class", "check_residual_mlp_block(ResidualMLPBlock)"
+    )
+    for case, (d_model, hidden, shape) in enumerate(_BLOCK_CASES):
+        where = f"ResidualMLPBlock({d_model}, {hidden})"
+        torch.manual_seed(case)
+        block = call(block_class, d_model, hidden, what=where)
+        _block_layers(block, d_model, hidden, where)
+        _randomize(block, seed=case)
+        x = _input(shape, seed=100 + case)
+        _check_block_output(block, x, d_model, hidden, where)
+
+        # Gradients flow into every layer of the branch.
+        xg = x.clone().requires_grad_(True)
+        call(block, xg, what=f"{where}'s forward").sum().backward()
+        for name in ("fc1", "fc2"):
+            grad = getattr(block, name).weight.grad
+            if grad is None or not torch.isfinite(grad).all() or grad.abs().sum() == 0:
+                fail(
+                    f"{where}: `{name}.weight` receives no gradient from the output: is the branch "
+                    "computed under torch.no_grad(), or detached?"
+                )
+
+        # Identity mapping: with fc2 at zero the block is exactly the identity, and so is its
+        # Jacobian, so the gradient of sum(y) with respect to x is all ones.
+        _zero_fc2(block)
+        xg = x.clone().requires_grad_(True)
+        y = call(block, xg, what=f"{where}'s forward")
+        if not _same(y, x, atol=1e-6, rtol=0):
+            fail(
+                f"{where} with fc2's weight and bias set to zero does not return its input: "
+                "a residual block whose sublayer outputs 0 must be the identity, y = x + 0."
+            )
+        y.sum().backward()
+        if xg.grad is None or not _same(xg.grad, torch.ones_like(x), atol=1e-6, rtol=0):
+            fail(
+                f"{where}: with fc2 at zero, d sum(y) / dx should be all ones (dy/dx = I + dF/dx = I), "
+                "but it is not: is the skip path detached (e.g. `x.detach() + ...`)? "
+                "The gradient must flow through the skip unchanged."
+            )
+
+    # float64 in, float64 out.
+    block = call(block_class, 6, 9, what="ResidualMLPBlock(6, 9)").double()
+    x = _input((2, 3, 6), seed=7, dtype=torch.float64)
+    out = expect_tensor(call(block, x, what="ResidualMLPBlock(6, 9).double()"), "the output")
+    if out.dtype != torch.float64:
+        fail(f"for a float64 block and input the output is {out.dtype}: keep the input's dtype.")
+
+
+def _stack_reference(model, x):
+    """What the stack should return, computed block by block with the reference formula."""
+    h = x
+    with torch.no_grad():
+        for block in model.blocks:
+            h = h + block.fc2(torch.relu(block.fc1(block.norm(h))))  # (..., d_model)
+    return h
+
+
+@exercise("5.2", "A deep residual MLP")
+def check_residual_mlp(model_class):
+    expect_class(model_class, nn.Module, "your model class", "check_residual_mlp(ResidualMLP)")
+    for case, (d_model, hidden, depth, shape) in enumerate(_STACK_CASES):
+        where = f"ResidualMLP({d_model}, {hidden}, depth={depth})"
+        torch.manual_seed(case)
+        model = call(model_class, d_model, hidden, depth, what=where)
+        blocks = getattr(model, "blocks", None)
+        if isinstance(blocks, (list, tuple)):
+            fail(
+                f"{where}.blocks is a Python {type(blocks).__name__}: PyTorch does not register the "
+                "modules in it, so model.parameters() (and any optimizer) cannot see their weights. "
+                "Use nn.ModuleList."
+            )
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            fail(
+                f"{where} has no `blocks` (an nn.ModuleList of ResidualMLPBlock): create it in __init__."
+            )
+        if len(blocks) != depth:
+            fail(f"{where} has {len(blocks)} blocks, expected depth = {depth}.")
+        if len({id(block) for block in blocks}) != depth:
+            fail(
+                f"{where}: the same block object appears several times in `blocks`, so all the "
+                "layers share one set of weights (`[block] * depth` repeats one module). "
+                "Create a new ResidualMLPBlock for every layer."
+            )
+        for i, block in enumerate(blocks):
+            _block_layers(block, d_model, hidden, f"{where}.blocks[{i}]")
+            _randomize(block, seed=10 * case + i)
+        registered = {id(p) for p in model.parameters()}
+        if not all(id(p) in registered for p in blocks.parameters()):
+            fail(
+                f"{where}: some of the blocks' weights are missing from model.parameters(): "
+                "keep the blocks in an nn.ModuleList assigned to self.blocks."
+            )
+
+        x = _input(shape, seed=200 + case)
+        before = x.clone()
+        out = call(model, x, what=f"{where}'s forward")
+        if not torch.equal(x, before):
+            fail(f"{where}'s forward changed its input in place: return new tensors instead.")
+        expect_shape(out, shape, f"{where}'s output for an input of shape {tuple(shape)}")
+        right = _stack_reference(model, x)
+        if not _same(out, right):
+            with torch.no_grad():
+                chained, doubled = x, x
+                for block in blocks:
+                    chained = block(chained)
+                    doubled = doubled + block(doubled)
+            _diagnose(
+                out,
+                [
+                    (
+                        doubled,
+                        f"{where}: the output equals applying h = h + block(h): the skip is added twice, "
+                        "since each ResidualMLPBlock already returns x + F(LN(x)). "
+                        "Apply the blocks in turn, h = block(h).",
+                    ),
+                    (
+                        chained,
+                        f"{where} applies its blocks in order, but the blocks do not compute "
+                        "x + fc2(relu(fc1(norm(x)))): make check_residual_mlp_block pass first.",
+                    ),
+                    (x, f"{where} returns its input unchanged: forward does not apply the blocks."),
+                ],
+            )
+            fail(
+                f"{where}'s output differs from applying its blocks in order, "
+                "h = block(h) for each block."
+            )
+
+        # Identity mapping: with every fc2 at zero the whole stack is the identity.
+        for block in blocks:
+            _zero_fc2(block)
+        out = call(model, x, what=f"{where}'s forward")
+        if not _same(out, x, atol=1e-6, rtol=0):
+            if _same(out, x * 2.0**depth):
+                fail(
+                    f"{where} with every fc2 at zero returns 2**depth * x: the skip is added "
+                    "twice (h = h + block(h) around blocks that already add x). Use h = block(h)."
+                )
+            fail(
+                f"{where} with every fc2 at zero does not return its input: a stack of residual "
+                "blocks whose sublayers output 0 must be the identity."
+            )
+
+
+# ----------------------------------------------------------------------- exercise 5.3
+
+
+def _probe_models():
+    """(layers, loss function, input shape, dtype) for the cases the probe is tried on."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(5, 7),
+        nn.ReLU(),
+        nn.Linear(7, 7, bias=False),
+        nn.Tanh(),
+        nn.Linear(7, 4),
+        nn.Linear(4, 3),
+    )
+
+    def mlp_loss(x):
+        return (mlp(x) ** 2).mean()
+
+    def residual_layers(dtype):
+        # An embedding, a norm and a sublayer used in a residual step, a head, and a layer
+        # the loss never uses (its norm is 0).
+        torch.manual_seed(1)
+        layers = nn.ModuleList(
+            [nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 6), nn.Linear(6, 4), nn.Linear(6, 6)]
+        ).to(dtype)
+
+        def loss(x):
+            h = layers[0](x)  # (n, 6)
+            h = h + torch.relu(layers[2](layers[1](h)))  # (n, 6)
+            return (layers[3](h) - 1.0).pow(2).sum()
+
+        return layers, loss
+
+    return [
+        (list(mlp), mlp_loss, (8, 5), torch.float32),
+        (*residual_layers(torch.float32), (4, 6), torch.float32),
+        (*residual_layers(torch.float64), (3, 6), torch.float64),
+    ]
+
+
+def _stale_gradients(layers, seed: int) -> None:
+    """Fill every .grad as if an earlier backward pass had left gradients behind."""
+    generator = torch.Generator().manual_seed(seed)
+    for layer in layers:
+        for p in layer.parameters():
+            p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype)
+
+
+def _per_layer(layers, values, sum_of_norms: bool = False) -> torch.Tensor:
+    """One number per layer from ``values`` (a tensor or None per parameter, in order).
+
+    By default the norm of all the layer's values together, sqrt(sum of squares); with
+    ``sum_of_norms`` the sum of the separate norms (a usual mistake).
+    """
+    norms, i = [], 0
+    for layer in layers:
+        total = torch.zeros((), dtype=torch.float64)
+        for _ in layer.parameters():
+            if values[i] is not None:
+                value = values[i].detach().double()
+                total = total + (value.norm() if sum_of_norms else value.pow(2).sum())
+            i += 1
+        norms.append(total if sum_of_norms else total.sqrt())
+    return torch.stack(norms)
+
+
+@exercise("5.3", "A per-layer gradient-norm probe")
+def check_gradient_norms(gradient_norms):
+    expect_callable(
+        gradient_norms, "your gradient-norm function", "check_gradient_norms(gradient_norms)"
+    )
+    for case, (layers, loss_fn, shape, dtype) in enumerate(_probe_models()):
+        params = [p for layer in layers for p in layer.parameters()]
+        n_layers = len(layers)
+        x = _input(shape, seed=300 + case, dtype=dtype)
+        for stale in (False, True):
+            for p in params:
+                p.grad = None
+            if stale:
+                _stale_gradients(layers, seed=case)
+            old = [None if p.grad is None else p.grad.clone() for p in params]
+            loss = loss_fn(x)
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            right = _per_layer(layers, grads)
+
+            kinds = ", ".join(type(layer).__name__ for layer in layers)
+            out = call(gradient_norms, layers, loss, what=f"gradient_norms on layers [{kinds}]")
+            out = expect_tensor(
+                out, "the result of gradient_norms (a 1-D tensor, one entry per layer)"
+            )
+            if out.dim() != 1 or out.shape[0] != n_layers:
+                if out.numel() == len(params):
+                    fail(
+                        f"gradient_norms returned {out.numel()} values for {n_layers} layers: one per "
+                        "parameter tensor. Combine all the parameters of a layer into one number, "
+                        "sqrt(sum over its parameters of (grad ** 2).sum())."
+                    )
+                fail(
+                    f"gradient_norms returned shape {tuple(out.shape)} for {n_layers} layers; "
+                    f"expected ({n_layers},), one norm per layer in the order given."
+                )
+            if not torch.isfinite(out.detach()).all():
+                fail(
+                    "gradient_norms returned NaN or inf: a layer without parameters, or whose "
+                    "parameters the loss does not use, should get 0."
+                )
+            if _same(out, right, atol=1e-6, rtol=1e-4):
+                continue
+
+            weights = _per_layer(layers, list(params))
+            weights_only = _per_layer(
+                layers, [g if p.dim() > 1 else None for p, g in zip(params, grads)]
+            )
+            accumulated = _per_layer(
+                layers,
+                [o if g is None else (g if o is None else g + o) for g, o in zip(grads, old)],
+            )
+            summed = _per_layer(layers, grads, sum_of_norms=True)
+            candidates = [
+                (
+                    torch.zeros_like(right),
+                    "every norm is 0: the gradients were cleared after backward and before they "
+                    "were read (zero_grad in the wrong place), or never computed.",
+                ),
+                (
+                    weights,
+                    "these are the norms of the layers' weights, not of their gradients: use p.grad "
+                    "(after loss.backward()) or torch.autograd.grad(loss, params).",
+                ),
+                (
+                    right.flip(0),
+                    "the norms are in reverse order: entry i belongs to layers[i], the first layer "
+                    "first, even though backpropagation visits the layers from the last one.",
+                ),
+                (
+                    weights_only,
+                    "only the weight matrices are counted: include every parameter of the layer, "
+                    "biases and norm gains too.",
+                ),
+                (
+                    right.pow(2),
+                    "these are squared norms: take the square root of the sum of squares.",
+                ),
+                (
+                    summed,
+                    "you added up the norms of a layer's parameters; the norm of the layer's gradient "
+                    "is sqrt(sum over parameters of (grad ** 2).sum()), not a sum of norms.",
+                ),
+            ]
+            if stale:
+                candidates.insert(
+                    0,
+                    (
+                        accumulated,
+                        "the result includes gradients left in .grad by an earlier backward pass: "
+                        "backward() adds to .grad, it does not overwrite it. Zero the gradients "
+                        "before loss.backward() (or use torch.autograd.grad, which leaves .grad alone).",
+                    ),
+                )
+            _diagnose(out, candidates)
+            worst = (out.detach().double() - right).abs().max().item()
+            fail(
+                "gradient_norms differs from the norm of dloss/dparameters per layer "
+                f"(case {case + 1}, largest difference {worst:.3g})."
+            )
