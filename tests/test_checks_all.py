@@ -1,0 +1,91 @@
+"""What every exercise check must do, for every check cell of every solutions notebook.
+
+Each check passes the notebook's own solution, fails the generated stub with a
+CheckFailure caused by the stub's NotImplementedError, refuses a tensor in place of
+the student's code with one sentence, and turns a crash of the student's code into one
+sentence. The chapter files (test_checks_chNN.py) add the realistic wrong answers.
+"""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from notebook_code import namespace
+
+from transformer_book.checks import REGISTRY, CheckFailure, CheckUsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def check_calls() -> list[tuple[str, str, tuple[str, ...]]]:
+    """(notebook, check name, names of the arguments) for every check cell."""
+    calls = []
+    for path in sorted((ROOT / "solutions").glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type != "code":
+                continue
+            for node in ast.walk(ast.parse(cell.source)):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Name)
+                    and node.func.id.startswith("check_")
+                ):
+                    args = tuple(a.id for a in node.args if isinstance(a, ast.Name))
+                    calls.append((path.name, node.func.id, args))
+    return calls
+
+
+CALLS = check_calls()
+IDS = [f"{notebook[:2]}-{check}" for notebook, check, _ in CALLS]
+
+
+@cache
+def loaded(folder: str, notebook: str) -> dict:
+    return namespace(f"{folder}/{notebook}")
+
+
+def test_every_registered_check_is_used_by_a_solution_notebook():
+    assert len(CALLS) >= 12
+    assert sorted(REGISTRY) == sorted(check for _, check, _ in CALLS)
+
+
+@pytest.mark.parametrize("notebook, check, args", CALLS, ids=IDS)
+def test_passes_the_solution(notebook, check, args, capsys):
+    scope = loaded("solutions", notebook)
+    REGISTRY[check](*(scope[a] for a in args))
+    assert "passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("notebook, check, args", CALLS, ids=IDS)
+def test_fails_the_stub_because_it_is_not_implemented(notebook, check, args):
+    scope = loaded("exercises", notebook)
+    with pytest.raises(CheckFailure, match="^not done yet") as info:
+        REGISTRY[check](*(scope[a] for a in args))
+    assert isinstance(info.value.__cause__, NotImplementedError)
+
+
+@pytest.mark.parametrize("notebook, check, args", CALLS, ids=IDS)
+def test_refuses_a_tensor_with_one_sentence(notebook, check, args):
+    with pytest.raises(CheckUsageError, match=r"^This check expects [^\n]*\.$"):
+        REGISTRY[check](*(torch.zeros(3) for _ in args))
+
+
+@pytest.mark.parametrize("notebook, check, args", CALLS, ids=IDS)
+def test_a_crash_in_student_code_becomes_one_sentence(notebook, check, args):
+    def crashes(*_args, **_kwargs):
+        raise ValueError("boom")
+
+    class Crashes(torch.nn.Module):
+        def __init__(self, *_args, **_kwargs):
+            raise ValueError("boom")
+
+    scope = loaded("solutions", notebook)
+    stand_ins = [Crashes if isinstance(scope[a], type) else crashes for a in args]
+    with pytest.raises(CheckFailure, match=r"raised ValueError: boom") as info:
+        REGISTRY[check](*stand_ins)
+    assert "\n" not in str(info.value)
