@@ -11,6 +11,7 @@ appends one JSON line to it (``python -m transformer_book.grade`` reads them).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -153,3 +154,67 @@ def expect_close(actual, expected, message: str, atol: float = 1e-5, rtol: float
     if not torch.allclose(actual.to(expected.dtype), expected, atol=atol, rtol=rtol):
         worst = (actual.to(expected.dtype) - expected).abs().max().item()
         fail(f"{message} (largest difference {worst:.3g})")
+
+
+def same(actual, expected, atol: float = 1e-5, rtol: float = 1e-4, equal_nan: bool = False) -> bool:
+    """Whether ``actual`` is a tensor of ``expected``'s shape, equal to it within tolerance."""
+    if expected is None or not isinstance(actual, torch.Tensor):
+        return False
+    if tuple(actual.shape) != tuple(expected.shape):
+        return False
+    actual = actual.detach().to(expected.dtype)
+    return bool(torch.allclose(actual, expected, atol=atol, rtol=rtol, equal_nan=equal_nan))
+
+
+def attempt(compute):
+    """The value of a would-be wrong answer, or None when its shapes do not fit this case."""
+    try:
+        return compute()
+    except RuntimeError:
+        return None
+
+
+def diagnose(actual, candidates, general: str | None = None, **tolerance) -> None:
+    """Name the mistake: fail with the message of the first candidate ``actual`` matches.
+
+    ``candidates`` holds (wrong answer, message) pairs; a wrong answer is a tensor, None
+    (skipped), or a function computing it (skipped when its shapes do not fit). When
+    nothing matches and ``general`` is given, fail with ``general``.
+    """
+    for wrong, message in candidates:
+        if callable(wrong):
+            wrong = attempt(wrong)
+        if same(actual, wrong, **tolerance):
+            fail(message)
+    if general is not None:
+        fail(general)
+
+
+def expect_unchanged(before: torch.Tensor, after: torch.Tensor, name: str) -> None:
+    """Fail when student code modified its input ``name`` in place."""
+    if not torch.equal(before, after):
+        fail(
+            f"your code changed its input `{name}` in place (e.g. `x -= ...` or "
+            "`x.sub_(...)`): compute a new tensor instead (`x - ...`)."
+        )
+
+
+@contextlib.contextmanager
+def forbidden(targets, message: str):
+    """While active, each existing (owner, attribute) in ``targets`` raises CheckFailure(message).
+
+    Used to make sure an exercise is written from scratch, not with the built-in it
+    is compared with. The originals are always restored.
+    """
+
+    def refuse(*args, **kwargs):
+        raise CheckFailure(message)
+
+    saved = [(owner, name, getattr(owner, name)) for owner, name in targets if hasattr(owner, name)]
+    try:
+        for owner, name, _ in saved:
+            setattr(owner, name, refuse)
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)

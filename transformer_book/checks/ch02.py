@@ -7,8 +7,6 @@ produce, so that the failure names the likely misconception.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -16,12 +14,16 @@ from ..attention import scaled_dot_product_attention
 from ._core import (
     CheckFailure,
     call,
+    diagnose,
     exercise,
     expect_callable,
     expect_close,
     expect_shape,
     expect_tensor,
+    expect_unchanged,
     fail,
+    forbidden,
+    same,
 )
 
 # PyTorch's softmax, kept before any patching (exercise 2.1 forbids it to the student).
@@ -43,22 +45,6 @@ def _random_mask(*shape, seed: int, p: float = 0.6) -> torch.Tensor:
     return mask
 
 
-def _same(actual, expected, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
-    """Whether ``actual`` is a tensor equal to ``expected`` within tolerance (no NaN)."""
-    return (
-        isinstance(actual, torch.Tensor)
-        and actual.shape == expected.shape
-        and bool(torch.allclose(actual.to(expected.dtype), expected, atol=atol, rtol=rtol))
-    )
-
-
-def _diagnose(actual, candidates) -> None:
-    """Fail with the message of the first (wrong result, message) pair ``actual`` matches."""
-    for wrong, message in candidates:
-        if _same(actual, wrong):
-            fail(message)
-
-
 def _reference_masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim of the allowed entries; rows with none allowed are 0."""
     filled = torch.where(mask, scores, torch.finfo(scores.dtype).min)
@@ -69,14 +55,6 @@ def _reject_nonfinite(tensor: torch.Tensor, what: str, hint: str) -> None:
     if not torch.isfinite(tensor).all():
         bad = "NaN" if torch.isnan(tensor).any() else "inf"
         fail(f"{what} contains {bad}: {hint}")
-
-
-def _unchanged(before: torch.Tensor, after: torch.Tensor, name: str) -> None:
-    if not torch.equal(before, after):
-        fail(
-            f"your function changed its input `{name}` in place (e.g. `x -= ...` or "
-            "`x.sub_(...)`): compute a new tensor instead (`x - ...`)."
-        )
 
 
 # ----------------------------------------------------------------------------- exercise 2.1
@@ -93,30 +71,16 @@ _BUILTIN_SOFTMAXES = [
 ]
 
 
-@contextlib.contextmanager
-def _builtin_softmax_forbidden():
-    """While active, PyTorch's softmax functions raise a CheckFailure that says so."""
-
-    def forbidden(*args, **kwargs):
-        raise CheckFailure(
-            "your stable_softmax calls PyTorch's softmax (torch.softmax, F.softmax, "
-            "Tensor.softmax or a log_softmax): the exercise is to write it yourself with "
-            "exp, amax and sum."
-        )
-
-    saved = [(owner, name, getattr(owner, name)) for owner, name in _BUILTIN_SOFTMAXES]
-    try:
-        for owner, name, _ in saved:
-            setattr(owner, name, forbidden)
-        yield
-    finally:
-        for owner, name, original in saved:
-            setattr(owner, name, original)
+_BUILTIN_SOFTMAX_MESSAGE = (
+    "your stable_softmax calls PyTorch's softmax (torch.softmax, F.softmax, "
+    "Tensor.softmax or a log_softmax): the exercise is to write it yourself with "
+    "exp, amax and sum."
+)
 
 
 def _call_softmax(softmax, x: torch.Tensor, dim: int) -> torch.Tensor:
     before = x.detach().clone()
-    with _builtin_softmax_forbidden():
+    with forbidden(_BUILTIN_SOFTMAXES, _BUILTIN_SOFTMAX_MESSAGE):
         try:
             y = call(softmax, x, dim=dim, what=f"stable_softmax(x, dim={dim})")
         except CheckFailure as failure:
@@ -129,7 +93,7 @@ def _call_softmax(softmax, x: torch.Tensor, dim: int) -> torch.Tensor:
                     "so it no longer broadcasts against x."
                 )
             raise
-    _unchanged(before, x.detach(), "x")
+    expect_unchanged(before, x.detach(), "x")
     return expect_shape(y, x.shape, f"stable_softmax(x, dim={dim}) for x of shape {tuple(x.shape)}")
 
 
@@ -147,12 +111,12 @@ def check_stable_softmax(softmax):
     x = _randn(4, 6, seed=0)
     y = _call_softmax(softmax, x, -1)
     expected = _softmax(x, dim=-1)
-    if not _same(y, expected):
+    if not same(y, expected):
         _reject_nonfinite(y, "stable_softmax(x) for ordinary x of shape (4, 6)", "check the formula.")
         if torch.allclose(y.sum(), torch.tensor(1.0)):
             fail("the whole tensor sums to 1, not each row: the sum runs over every entry; sum "
                  "along `dim` only (.sum(dim=dim, keepdim=True)).")
-        _diagnose(
+        diagnose(
             y,
             [
                 (_softmax(x, dim=0), "each column sums to 1 instead of each row: you normalized "
@@ -169,7 +133,7 @@ def check_stable_softmax(softmax):
     x = _randn(5, 5, seed=1)
     y = _call_softmax(softmax, x, -1)
     expected = _softmax(x, dim=-1)
-    if not _same(y, expected):
+    if not same(y, expected):
         m, m_flat = x.amax(dim=-1, keepdim=True), x.amax(dim=-1)
         e = (x - m).exp()
         e_flat = (x - m_flat).exp()
@@ -178,7 +142,7 @@ def check_stable_softmax(softmax):
             "a reduction without keepdim=True (x.sum(dim=-1) has shape (5,)) lines up with "
             "the last dim, not with the rows; pass keepdim=True to amax and sum."
         )
-        _diagnose(
+        diagnose(
             y,
             [
                 (e / e.sum(dim=-1), keepdim),
@@ -194,13 +158,13 @@ def check_stable_softmax(softmax):
     for dim in (0, 1, 2, -2, -3):
         y = _call_softmax(softmax, x, dim)
         expected = _softmax(x, dim=dim)
-        if _same(y, expected):
+        if same(y, expected):
             continue
-        if _same(y, _softmax(x, dim=-1)):
+        if same(y, _softmax(x, dim=-1)):
             fail(f"stable_softmax(x, dim={dim}) normalizes over the last dim: your function "
                  "ignores its `dim` argument.")
         for other in range(x.dim()):
-            if _same(y, _softmax(x, dim=other)):
+            if same(y, _softmax(x, dim=other)):
                 fail(f"stable_softmax(x, dim={dim}) on a (2, 3, 4) input normalizes over dim "
                      f"{other}: use `dim` in every reduction (amax and sum).")
         expect_close(y, expected, f"stable_softmax(x, dim={dim}) differs from torch.softmax on a "
@@ -288,7 +252,7 @@ def _call_attention(attention, query, key, value, mask=None, temperature=1.0):
     result = call(attention, query, key, value, mask=mask, temperature=temperature,
                   what="attention_with_temperature(query, key, value, mask, temperature)")
     for name, old, new in zip(["query", "key", "value", "mask"], before, tensors):
-        _unchanged(old, new.detach(), name)
+        expect_unchanged(old, new.detach(), name)
     if not (isinstance(result, tuple) and len(result) == 2):
         fail("attention_with_temperature should return a tuple (output, weights), like "
              f"scaled_dot_product_attention; it returned a {type(result).__name__}.")
@@ -353,16 +317,16 @@ def check_attention_with_temperature(attention):
             if mask is not None and not mask.any(dim=-1).all():
                 fail(_NAN_ROW)
             fail(f"{label}: your result contains NaN.")
-        if not _same(weights, expected_weights, atol, rtol):
-            _diagnose(weights, _weights_candidates(query, key, mask, temperature))
-            if mask is not None and _same(weights.sum(-1), torch.ones(weights.shape[:-1])):
+        if not same(weights, expected_weights, atol, rtol):
+            diagnose(weights, _weights_candidates(query, key, mask, temperature))
+            if mask is not None and same(weights.sum(-1), torch.ones(weights.shape[:-1])):
                 empty = ~mask.expand(weights.shape).any(dim=-1)
                 if empty.any() and torch.allclose(weights[empty], weights[empty].mean()):
                     fail(_UNIFORM_ROW)
             expect_close(weights, expected_weights, f"{label}: the weights differ from "
                          "softmax(QK^T / (temperature * sqrt(d_k))) with the mask applied",
                          atol, rtol)
-        if not _same(output, expected_output, atol, rtol):
+        if not same(output, expected_output, atol, rtol):
             expect_close(output, expected_output, f"{label}: the weights are right but the "
                          "output is not weights @ value", atol, rtol)
         if mask is None or mask.any(dim=-1).all():  # PyTorch's own, where it is defined
@@ -455,16 +419,16 @@ def check_softmax_jacobian(softmax_jacobian):
                      "(they take one vector); build the matrices with torch.diag_embed and "
                      "weights.unsqueeze(-1) * weights.unsqueeze(-2).")
             raise
-        _unchanged(before, weights, "weights")
+        expect_unchanged(before, weights, "weights")
         L = shape[-1]
         expect_shape(jac, (*shape, L), f"softmax_jacobian(weights) for weights of shape {shape}")
         expected = _softmax_jacobian_autograd(scores)
-        if _same(jac, expected):
+        if same(jac, expected):
             continue
         p = weights
         diag = torch.diag_embed(p)  # (..., L, L)
         outer = p.unsqueeze(-1) * p.unsqueeze(-2)  # (..., L, L)
-        _diagnose(jac, [
+        diagnose(jac, [
             (-outer, "the off-diagonal entries are right but the diagonal is -p_j^2: the "
              "diag(p) term is missing (dA_j/dS_j = p_j - p_j^2)."),
             (outer - diag, "every entry has the wrong sign: J = diag(p) - p p^T, not "

@@ -19,13 +19,16 @@ from torch import nn
 
 from ._core import (
     CheckFailure,
+    attempt,
     call,
+    diagnose,
     exercise,
     expect_callable,
     expect_class,
     expect_shape,
     expect_tensor,
     fail,
+    same,
 )
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -36,30 +39,13 @@ def _fmt(shape) -> str:
 
 
 def _close(actual, expected, atol: float = ATOL) -> bool:
-    if expected is None or not isinstance(actual, torch.Tensor):
-        return False
-    if tuple(actual.shape) != tuple(expected.shape):
-        return False
-    actual = actual.detach().to(expected.dtype)
-    return bool(torch.allclose(actual, expected, atol=atol, rtol=RTOL, equal_nan=True))
-
-
-def _attempt(compute):
-    """The value of a would-be wrong answer, or None when its shapes do not fit this case."""
-    try:
-        return compute()
-    except RuntimeError:
-        return None
+    return same(actual, expected, atol=atol, rtol=RTOL, equal_nan=True)
 
 
 def _diagnose(actual, reference, wrong_answers, general: str) -> None:
     """Fail with the message of the first wrong answer ``actual`` matches, else ``general``."""
-    if _close(actual, reference):
-        return
-    for compute, message in wrong_answers:
-        if _close(actual, _attempt(compute)):
-            fail(message)
-    fail(general)
+    if not _close(actual, reference):
+        diagnose(actual, wrong_answers, general, atol=ATOL, rtol=RTOL, equal_nan=True)
 
 
 # ------------------------------------------------------- exercise 3.1: sequence-first heads
@@ -226,7 +212,7 @@ def _diagnose_exact(actual, reference, wrong_answers, general: str) -> None:
     if torch.equal(actual.detach(), reference):
         return
     for compute, message in wrong_answers:
-        candidate = _attempt(compute)
+        candidate = attempt(compute)
         if candidate is not None and candidate.shape == actual.shape:
             if torch.equal(actual.detach(), candidate):
                 fail(message)
@@ -345,7 +331,7 @@ def _diagnose_module(output, weights, reference, variant, general):
     ref_out, ref_w = reference
     if not _close(output, ref_out):
         for options, message in _MISTAKES:
-            candidate = _attempt(lambda options=options: variant(**options)[0])
+            candidate = attempt(lambda options=options: variant(**options)[0])
             if _close(output, candidate):
                 fail(message)
         fail(general)
@@ -549,7 +535,7 @@ def _fused_layout_mistakes(output, variant):
     for order in itertools.permutations(range(3)):
         if order == (0, 1, 2):
             continue
-        if _close(output, _attempt(lambda order=order: variant(order=order)[0])):
+        if _close(output, attempt(lambda order=order: variant(order=order)[0])):
             taken = ", ".join(names[i] for i in order)
             fail(
                 f"Your output matches w_qkv's output cut into ({taken}) in that order. The "
@@ -656,7 +642,7 @@ def _mqa_case(cls, batch, lq, lk, d_model, num_heads, bias, mask_kind, generator
 
     reference = (ref_out.double(), ref_w.double())
     if batch == num_heads and not _close(output, reference[0]):
-        if _close(output, _attempt(lambda: variant(kv_by_batch=True)[0])):
+        if _close(output, attempt(lambda: variant(kv_by_batch=True)[0])):
             fail(
                 "Your output matches the shared keys used as (batch, Lk, d_head) against "
                 "queries of shape (batch, heads, Lq, d_head): broadcasting lines the batch "

@@ -11,28 +11,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._core import call, exercise, expect_callable, expect_class, expect_shape, expect_tensor, fail
+from ._core import (
+    call,
+    diagnose,
+    exercise,
+    expect_callable,
+    expect_class,
+    expect_shape,
+    expect_tensor,
+    fail,
+    same,
+)
 
 # (d_model, hidden, input shape): several leading shapes, d_model not a power of two.
 _BLOCK_CASES = [(4, 8, (3, 4)), (6, 10, (2, 5, 6)), (7, 3, (1, 1, 7)), (5, 16, (5,))]
 # (d_model, hidden, depth, input shape)
 _STACK_CASES = [(4, 8, 3, (2, 3, 4)), (6, 5, 1, (4, 6)), (7, 16, 5, (1, 2, 7))]
-
-
-def _same(actual, expected, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
-    """Whether ``actual`` is a tensor equal to ``expected`` within tolerance."""
-    return (
-        isinstance(actual, torch.Tensor)
-        and actual.shape == expected.shape
-        and bool(torch.allclose(actual.detach().to(expected.dtype), expected, atol=atol, rtol=rtol))
-    )
-
-
-def _diagnose(actual, candidates) -> None:
-    """Fail with the message of the first (wrong result, message) pair ``actual`` matches."""
-    for wrong, message in candidates:
-        if _same(actual, wrong):
-            fail(message)
 
 
 def _input(shape, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -162,9 +156,9 @@ def _check_block_output(block, x, d_model: int, hidden: int, where: str) -> None
         )
     expect_shape(out, x.shape, f"{where}'s output for an input of shape {tuple(x.shape)}")
     right, wrong = _block_reference(block, x)
-    if _same(out, right):
+    if same(out, right):
         return
-    _diagnose(out, [(value, f"{where}: {message}") for value, message in wrong])
+    diagnose(out, [(value, f"{where}: {message}") for value, message in wrong])
     worst = (out.detach().to(right.dtype) - right).abs().max().item()
     fail(
         f"{where}'s output differs from x + fc2(relu(fc1(norm(x)))) computed with its own layers "
@@ -203,13 +197,13 @@ def check_residual_mlp_block(block_class):
         _zero_fc2(block)
         xg = x.clone().requires_grad_(True)
         y = call(block, xg, what=f"{where}'s forward")
-        if not _same(y, x, atol=1e-6, rtol=0):
+        if not same(y, x, atol=1e-6, rtol=0):
             fail(
                 f"{where} with fc2's weight and bias set to zero does not return its input: "
                 "a residual block whose sublayer outputs 0 must be the identity, y = x + 0."
             )
         y.sum().backward()
-        if xg.grad is None or not _same(xg.grad, torch.ones_like(x), atol=1e-6, rtol=0):
+        if xg.grad is None or not same(xg.grad, torch.ones_like(x), atol=1e-6, rtol=0):
             fail(
                 f"{where}: with fc2 at zero, d sum(y) / dx should be all ones (dy/dx = I + dF/dx = I), "
                 "but it is not: is the skip path detached (e.g. `x.detach() + ...`)? "
@@ -276,13 +270,13 @@ def check_residual_mlp(model_class):
             fail(f"{where}'s forward changed its input in place: return new tensors instead.")
         expect_shape(out, shape, f"{where}'s output for an input of shape {tuple(shape)}")
         right = _stack_reference(model, x)
-        if not _same(out, right):
+        if not same(out, right):
             with torch.no_grad():
                 chained, doubled = x, x
                 for block in blocks:
                     chained = block(chained)
                     doubled = doubled + block(doubled)
-            _diagnose(
+            diagnose(
                 out,
                 [
                     (
@@ -308,8 +302,8 @@ def check_residual_mlp(model_class):
         for block in blocks:
             _zero_fc2(block)
         out = call(model, x, what=f"{where}'s forward")
-        if not _same(out, x, atol=1e-6, rtol=0):
-            if _same(out, x * 2.0**depth):
+        if not same(out, x, atol=1e-6, rtol=0):
+            if same(out, x * 2.0**depth):
                 fail(
                     f"{where} with every fc2 at zero returns 2**depth * x: the skip is added "
                     "twice (h = h + block(h) around blocks that already add x). Use h = block(h)."
@@ -426,7 +420,7 @@ def check_gradient_norms(gradient_norms):
                     "gradient_norms returned NaN or inf: a layer without parameters, or whose "
                     "parameters the loss does not use, should get 0."
                 )
-            if _same(out, right, atol=1e-6, rtol=1e-4):
+            if same(out, right, atol=1e-6, rtol=1e-4):
                 continue
 
             weights = _per_layer(layers, list(params))
@@ -479,7 +473,7 @@ def check_gradient_norms(gradient_norms):
                         "before loss.backward() (or use torch.autograd.grad, which leaves .grad alone).",
                     ),
                 )
-            _diagnose(out, candidates)
+            diagnose(out, candidates)
             worst = (out.detach().double() - right).abs().max().item()
             fail(
                 "gradient_norms differs from the norm of dloss/dparameters per layer "

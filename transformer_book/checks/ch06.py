@@ -9,7 +9,6 @@ if the student's result matches one of them, names that mistake.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -17,14 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._core import (
-    CheckFailure,
     call,
+    diagnose,
     exercise,
     expect_callable,
     expect_class,
     expect_close,
     expect_shape,
+    expect_unchanged,
     fail,
+    forbidden,
+    same,
 )
 
 # --------------------------------------------------------------------------- shared helpers
@@ -34,46 +36,6 @@ def _randn(*shape, seed: int, scale=1.0, shift=0.0, dtype=torch.float32) -> torc
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=generator, dtype=torch.float64)
     return (x * torch.as_tensor(scale, dtype=torch.float64) + torch.as_tensor(shift, dtype=torch.float64)).to(dtype)
-
-
-def _same(actual, expected, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
-    return (
-        isinstance(actual, torch.Tensor)
-        and actual.shape == expected.shape
-        and bool(torch.allclose(actual.detach().to(expected.dtype), expected, atol=atol, rtol=rtol))
-    )
-
-
-def _diagnose(actual, candidates) -> None:
-    """Fail with the message of the first (wrong result, message) pair that ``actual`` matches."""
-    for wrong, message in candidates:
-        if wrong is not None and _same(actual, wrong):
-            fail(message)
-
-
-def _unchanged(before: torch.Tensor, after: torch.Tensor, name: str) -> None:
-    if not torch.equal(before, after):
-        fail(
-            f"your code changed its input `{name}` in place (e.g. `x -= mean` or `x.sub_(...)`): "
-            "compute a new tensor instead (`x - mean`)."
-        )
-
-
-@contextlib.contextmanager
-def _forbidden(targets, message: str):
-    """While active, each (owner, attribute) in ``targets`` raises a CheckFailure(message)."""
-
-    def refuse(*args, **kwargs):
-        raise CheckFailure(message)
-
-    saved = [(owner, name, getattr(owner, name)) for owner, name in targets if hasattr(owner, name)]
-    try:
-        for owner, name, _ in saved:
-            setattr(owner, name, refuse)
-        yield
-    finally:
-        for owner, name, original in saved:
-            setattr(owner, name, original)
 
 
 def _normalize(x, dims, eps, correction=0, eps_outside=False, center=True):
@@ -131,7 +93,7 @@ def _compare_grads(mine, theirs, names, what: str) -> None:
                 f"{what}: no gradient reaches {name}: is it detached (.detach(), .data, "
                 "torch.no_grad(), or numpy) on the way to the output?"
             )
-        if not _same(a, b, atol=1e-4, rtol=1e-3):
+        if not same(a, b, atol=1e-4, rtol=1e-3):
             fail(
                 f"{what}: the outputs match but the gradient with respect to {name} does not "
                 f"(largest difference {(a - b).abs().max().item():.3g}): is part of the "
@@ -154,13 +116,13 @@ def _call_layer_norm(layer_norm, x, normalized_shape, weight=None, bias=None, ep
         kwargs["eps"] = eps
     args = ", ".join(["x", str(tuple(normalized_shape))] + [f"{k}=..." for k, v in kwargs.items() if v is not None])
     before = x.detach().clone()
-    with _forbidden(
+    with forbidden(
         _LAYER_NORM_BUILTINS,
         "your layer_norm calls PyTorch's layer norm (F.layer_norm, torch.layer_norm or "
         "nn.LayerNorm): the exercise is to write the formula yourself (mean, variance, sqrt).",
     ):
         y = call(layer_norm, x, tuple(normalized_shape), what=f"layer_norm({args})", **kwargs)
-    _unchanged(before, x.detach(), "x")
+    expect_unchanged(before, x.detach(), "x")
     return expect_shape(y, x.shape, f"layer_norm({args}) for x of shape {tuple(x.shape)}")
 
 
@@ -252,7 +214,7 @@ def check_layer_norm(layer_norm):
     for what, x, shape, weight, bias, eps in cases:
         y = _call_layer_norm(layer_norm, x, shape, weight, bias, eps)
         expected = _reference_layer_norm(x, shape, weight, bias)
-        if _same(y, expected):
+        if same(y, expected):
             continue
         if torch.isnan(y).any():
             if math.prod(shape) == 1:
@@ -265,15 +227,15 @@ def check_layer_norm(layer_norm):
                 f"NaN on {what}, which holds a token whose features are all equal (variance 0): "
                 "is eps missing? (x - mean) / sqrt(var + eps) stays finite when var = 0."
             )
-        _diagnose(y, _layer_norm_mistakes(x, shape, weight, bias, 1e-5))
+        diagnose(y, _layer_norm_mistakes(x, shape, weight, bias, 1e-5))
         expect_close(y, expected, f"layer_norm differs from F.layer_norm on {what}")
 
     # the eps argument is used
     x = _randn(3, 8, seed=10, scale=0.05)  # variance 0.0025: eps = 1e-2 matters
     y = _call_layer_norm(layer_norm, x, (8,), eps=1e-2)
     expected = _reference_layer_norm(x, (8,), eps=1e-2)
-    if not _same(y, expected):
-        _diagnose(
+    if not same(y, expected):
+        diagnose(
             y,
             [(_reference_layer_norm(x, (8,)), "with eps=1e-2 your output is the one for eps=1e-5: the eps argument is ignored.")],
         )
@@ -322,9 +284,9 @@ def _bn_apply(x, mean, var, weight, bias, eps):
 
 def _call_bn(module, x, what):
     before = x.detach().clone()
-    with _forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
+    with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
         y = call(module, x, what=what)
-    _unchanged(before, x.detach(), "x")
+    expect_unchanged(before, x.detach(), "x")
     return expect_shape(y, x.shape, f"{what} for x of shape {tuple(x.shape)}")
 
 
@@ -357,7 +319,7 @@ def _check_running(student, reference, old_mean, old_var, x, momentum, step: str
             "autograd. Update them under torch.no_grad() (or from .detach()ed batch statistics)."
         )
     mean_r, var_r = reference.running_mean, reference.running_var
-    if _same(mean_s, mean_r) and _same(var_s, var_r):
+    if same(mean_s, mean_r) and same(var_s, var_r):
         return
     dims = _bn_dims(x)
     xd = x.detach().double()
@@ -365,31 +327,31 @@ def _check_running(student, reference, old_mean, old_var, x, momentum, step: str
     unbiased, biased = xd.var(dim=dims, correction=1), xd.var(dim=dims, correction=0)
     old_mean, old_var = old_mean.double(), old_var.double()
     m = momentum
-    if _same(mean_s, old_mean) and _same(var_s, old_var):
+    if same(mean_s, old_mean) and same(var_s, old_var):
         fail(
             f"after {step} in training mode, running_mean and running_var have not changed: update "
             "them in every training-mode forward pass, running = (1 - momentum) * running + "
             "momentum * batch statistic."
         )
-    if _same(mean_s, m * old_mean + (1 - m) * batch_mean):
+    if same(mean_s, m * old_mean + (1 - m) * batch_mean):
         fail(
             f"after {step}, running_mean = momentum * running + (1 - momentum) * batch: the momentum "
             "convention is reversed. In PyTorch momentum is the weight of the NEW batch statistic: "
             "running = (1 - momentum) * running + momentum * batch."
         )
-    if _same(mean_s, batch_mean) and not _same(mean_r, batch_mean):
+    if same(mean_s, batch_mean) and not same(mean_r, batch_mean):
         fail(
             f"after {step}, running_mean equals the batch mean: it should be a running average, "
             "running = (1 - momentum) * running + momentum * batch_mean."
         )
-    if _same(mean_s, mean_r):
-        if _same(var_s, (1 - m) * old_var + m * biased):
+    if same(mean_s, mean_r):
+        if same(var_s, (1 - m) * old_var + m * biased):
             fail(
                 f"after {step}, running_var holds a running average of the biased batch variance "
                 "(divided by n). PyTorch normalizes a training batch with the biased variance but "
                 "stores the unbiased one (divided by n - 1) in running_var."
             )
-        if _same(var_s, m * old_var + (1 - m) * unbiased):
+        if same(var_s, m * old_var + (1 - m) * unbiased):
             fail(
                 f"after {step}, running_var = momentum * running + (1 - momentum) * batch: the "
                 "momentum convention is reversed (momentum weighs the new batch statistic)."
@@ -399,7 +361,7 @@ def _check_running(student, reference, old_mean, old_var, x, momentum, step: str
 
 
 def _check_train_output(y, x, student_running, weight, bias, eps, expected, what):
-    if _same(y, expected):
+    if same(y, expected):
         return
     dims = _bn_dims(x)
     xd = x.detach().double()
@@ -442,7 +404,7 @@ def _check_train_output(y, x, student_running, weight, bias, eps, expected, what
                 "and one variance per feature.",
             )
         )
-    _diagnose(y, mistakes)
+    diagnose(y, mistakes)
     expect_close(y, expected, f"{what}: your output differs from nn.BatchNorm1d's")
 
 
@@ -460,7 +422,7 @@ def check_batch_norm(BatchNorm1d):  # noqa: N803 - the argument is a class
     ]
     for number, (layout, C, kwargs, shapes, momentum, eps) in enumerate(layouts):
         args = ", ".join([str(C)] + [f"{k}={v}" for k, v in kwargs.items()])
-        with _forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
+        with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
             student = call(BatchNorm1d, C, what=f"BatchNorm1d({args})", **kwargs)
         reference = nn.BatchNorm1d(C, **kwargs)
         weight = _param(student, "weight", (C,), 1, "BatchNorm1d")
@@ -487,7 +449,7 @@ def check_batch_norm(BatchNorm1d):  # noqa: N803 - the argument is a class
             _expect_graph(y, what)
             mine = torch.autograd.grad((y * upstream).sum(), (x, weight, bias), allow_unused=True)
             theirs = torch.autograd.grad((expected * upstream).sum(), (x, reference.weight, reference.bias))
-            if mine[0] is not None and not _same(mine[0], theirs[0], atol=1e-4, rtol=1e-3) and _same(
+            if mine[0] is not None and not same(mine[0], theirs[0], atol=1e-4, rtol=1e-3) and same(
                 mine[1], theirs[1], atol=1e-4, rtol=1e-3
             ):
                 fail(
@@ -496,7 +458,7 @@ def check_batch_norm(BatchNorm1d):  # noqa: N803 - the argument is a class
                     "flows through the batch statistics."
                 )
             _compare_grads(mine, theirs, ["x", "weight", "bias"], what)
-            if momentum != 0.1 and _same(
+            if momentum != 0.1 and same(
                 student.running_mean, 0.9 * old[0].double() + 0.1 * x.detach().double().mean(dim=_bn_dims(x))
             ):
                 fail(f"BatchNorm1d({args}): the running statistics were updated with momentum 0.1: the momentum argument is ignored.")
@@ -518,11 +480,11 @@ def check_batch_norm(BatchNorm1d):  # noqa: N803 - the argument is a class
                     f"{what}: the running statistics changed during an eval-mode forward pass: "
                     "update them only in training mode (if self.training: ...)."
                 )
-            if not _same(y, expected):
+            if not same(y, expected):
                 batch_stats = _bn_apply(
                     x, x.double().mean(dim=_bn_dims(x)), x.double().var(dim=_bn_dims(x), correction=0), new_w, new_b, eps
                 )
-                _diagnose(
+                diagnose(
                     y,
                     [(
                         batch_stats,
@@ -571,18 +533,18 @@ def check_rms_norm(RMSNorm):  # noqa: N803 - the argument is a class
         ("a (3, 6) input with eps=1e-2", _randn(3, 6, seed=53, scale=0.05), 6, 1e-2),
     ]
     for what, x, d, eps in cases:
-        with _forbidden(_RMS_NORM_BUILTINS, message):
+        with forbidden(_RMS_NORM_BUILTINS, message):
             norm = call(RMSNorm, d, eps=eps, what=f"RMSNorm({d}, eps={eps})")
         weight = _param(norm, "weight", (d,), 1, "RMSNorm")
         w = _randn(d, seed=60 + d, scale=0.5, shift=1.0)
         _set_(weight, w)
         before = x.clone()
-        with torch.no_grad(), _forbidden(_RMS_NORM_BUILTINS, message):
+        with torch.no_grad(), forbidden(_RMS_NORM_BUILTINS, message):
             y = call(norm, x, what=f"RMSNorm({d}, eps={eps})(x)")
-        _unchanged(before, x, "x")
+        expect_unchanged(before, x, "x")
         y = expect_shape(y, x.shape, f"RMSNorm({d}) on {what}")
         expected = _reference_rms_norm(x.double(), w.double(), eps)
-        if _same(y, expected):
+        if same(y, expected):
             continue
         if torch.isnan(y).any():
             fail(
@@ -591,7 +553,7 @@ def check_rms_norm(RMSNorm):  # noqa: N803 - the argument is a class
             )
         xd, wd = x.double(), w.double()
         ms = (xd**2).mean(dim=-1, keepdim=True)
-        _diagnose(
+        diagnose(
             y,
             [
                 (
@@ -680,7 +642,7 @@ def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a clas
             return _normalize(t, (-1,), 1e-5) * wd + bd
 
         expected = ln(alpha * xd + sd)
-        if _same(y, expected):
+        if same(y, expected):
             continue
         after = (
             "you added the residual after the norm, x + norm(sublayer_output). In Add & Norm "
@@ -706,7 +668,7 @@ def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a clas
             (ln(sd), f"{what}: the residual x is missing: norm(alpha * x + sublayer_output)."),
             (ln(alpha * xd), f"{what}: the sublayer output is missing: norm(alpha * x + sublayer_output)."),
         ]
-        _diagnose(y, candidates)
+        diagnose(y, candidates)
         expect_close(y, expected, f"{what} differs from LayerNorm(alpha * x + sublayer_output)")
 
     # dropout: only on the sublayer output, only in training mode
@@ -727,7 +689,7 @@ def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a clas
     with torch.no_grad():
         zero = call(block, x, torch.zeros_like(s), what="ScaledAddNorm in training mode")
         first, second = call(block, x, s), call(block, x, s)
-    if not _same(zero, F.layer_norm(1.5 * x, (d,), block.norm.weight.detach(), block.norm.bias.detach())):
+    if not same(zero, F.layer_norm(1.5 * x, (d,), block.norm.weight.detach(), block.norm.bias.detach())):
         fail(
             "with dropout=0.5 in training mode and a sublayer output of zeros, your output is not "
             "norm(alpha * x): dropout reaches the residual x (or the sum). It belongs on the "
