@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from notebook_code import namespace
 
 from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch01 import (
@@ -15,24 +14,6 @@ from transformer_book.checks.ch01 import (
     check_cross_attention,
     check_self_attention,
 )
-
-NOTEBOOK = "01_attention_and_self_attention.ipynb"
-CHECKS = {
-    "additive_attention": check_additive_attention,
-    "self_attention": check_self_attention,
-    "cross_attention": check_cross_attention,
-}
-
-
-@pytest.fixture(scope="module")
-def solutions():
-    return namespace(f"solutions/{NOTEBOOK}")
-
-
-@pytest.fixture(scope="module")
-def stubs():
-    return namespace(f"exercises/{NOTEBOOK}")
-
 
 # ------------------------------------------------------------------ 1.1 additive attention
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from notebook_code import namespace
 
 from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch02 import (
@@ -12,23 +11,6 @@ from transformer_book.checks.ch02 import (
     check_softmax_jacobian,
     check_stable_softmax,
 )
-
-NOTEBOOK = "02_scaled_dot_product_attention.ipynb"
-CHECKS = [
-    (check_stable_softmax, "stable_softmax"),
-    (check_attention_with_temperature, "attention_with_temperature"),
-    (check_softmax_jacobian, "softmax_jacobian"),
-]
-
-
-@pytest.fixture(scope="module")
-def solutions():
-    return namespace(f"solutions/{NOTEBOOK}")
-
-
-@pytest.fixture(scope="module")
-def stubs():
-    return namespace(f"exercises/{NOTEBOOK}")
 
 
 def test_builtin_softmax_is_restored_after_the_check():

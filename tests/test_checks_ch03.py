@@ -17,9 +17,6 @@ from transformer_book.checks.ch03 import (
 )
 from transformer_book.multihead import merge_heads, split_heads
 
-NOTEBOOK = "03_multi_head_attention.ipynb"
-
-
 # ------------------------------------------------------------------ solutions and stubs
 
 

@@ -32,11 +32,6 @@ def solutions():
     return namespace(f"solutions/{NOTEBOOK}")
 
 
-@pytest.fixture(scope="module")
-def stubs():
-    return namespace(f"exercises/{NOTEBOOK}")
-
-
 def test_checks_leave_the_global_random_state_alone(solutions):
     state = torch.get_rng_state()
     for name, check in CHECKS.items():

@@ -15,21 +15,11 @@ from transformer_book.checks.ch05 import (
 )
 
 NOTEBOOK = "05_residual_connections.ipynb"
-CHECKS = [
-    (check_residual_mlp_block, "ResidualMLPBlock"),
-    (check_residual_mlp, "ResidualMLP"),
-    (check_gradient_norms, "gradient_norms"),
-]
 
 
 @pytest.fixture(scope="module")
 def solutions():
     return namespace(f"solutions/{NOTEBOOK}")
-
-
-@pytest.fixture(scope="module")
-def stubs():
-    return namespace(f"exercises/{NOTEBOOK}")
 
 
 def test_block_checks_refuse_an_instance(solutions):

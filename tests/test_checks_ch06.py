@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from notebook_code import namespace
 from torch import nn
 
 from transformer_book import LayerNorm
@@ -16,25 +15,6 @@ from transformer_book.checks.ch06 import (
     check_rms_norm,
     check_scaled_add_norm,
 )
-
-NOTEBOOK = "06_layernorm_vs_batchnorm.ipynb"
-CHECKS = {
-    "layer_norm": check_layer_norm,
-    "BatchNorm1d": check_batch_norm,
-    "RMSNorm": check_rms_norm,
-    "ScaledAddNorm": check_scaled_add_norm,
-}
-
-
-@pytest.fixture(scope="module")
-def solutions():
-    return namespace(f"solutions/{NOTEBOOK}")
-
-
-@pytest.fixture(scope="module")
-def stubs():
-    return namespace(f"exercises/{NOTEBOOK}")
-
 
 # --------------------------------------------------------------------------- 6.1 layer_norm
 
