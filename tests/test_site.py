@@ -212,11 +212,21 @@ def test_the_inspection_finds_what_it_looks_for(tmp_path):
     assert "mathErrors" in problems or "untypeset" in problems, problems
 
 
-def test_chapters_show_figures_and_maths(site):
-    """The chapters' figures and equations reach the page (a guard on the test above)."""
+def test_chapters_show_figures_maths_and_colab_buttons(site):
+    """The chapters' figures and equations reach the page, and every notebook page
+    (chapter, exercise, solution) offers Colab, at the repository set in _config.yml."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import generate
+
+    colab = "https://colab.research.google.com/github/" + generate.repository_url().split(
+        "github.com/", 1
+    )[1]
     for chapter in sorted((ROOT / "book").glob("*.ipynb")):
         html = (HTML / "book" / f"{chapter.stem}.html").read_text()
         assert re.search(r"<img[^>]+src=\"[^\"]+\.png\"", html), f"{chapter.name}: no figure"
         assert 'class="math' in html, f"{chapter.name}: no maths"
-    launch = (HTML / "exercises" / f"{chapter.stem}.html").read_text()
-    assert "colab.research.google.com/github/" in launch, "no Colab launch button"
+        for folder in ("book", "exercises", "solutions"):
+            page = HTML / folder / f"{chapter.stem}.html"
+            if folder == "book" or (ROOT / folder / chapter.name).exists():
+                expected = f"{colab}/blob/main/{folder}/{chapter.name}"
+                assert expected in page.read_text(), f"{page}: no Colab button for {expected}"
