@@ -38,7 +38,10 @@ subprocess.run = _record
 
 REPORT = """\
 import transformer_book
+import transformer_book.checks
+import transformer_book.grade
 print("PACKAGE", transformer_book.__file__)
+print("CHECKS", transformer_book.checks.__file__)
 print("PIP", _pip_calls)
 """
 
@@ -79,5 +82,7 @@ def test_chapter_runs_alone_with_a_non_editable_install(site_packages, tmp_path)
     report = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
     package = Path(report.split("PACKAGE ", 1)[1].splitlines()[0])
     assert package.is_relative_to(site_packages), f"imported {package}, not the installed copy"
+    checks = Path(report.split("CHECKS ", 1)[1].splitlines()[0])
+    assert checks.is_relative_to(site_packages), "the checks must ship with the package"
     url = generate.repository_url()
     assert f"transformer_book @ git+{url}" in report, report
