@@ -67,10 +67,10 @@ def exercises_in(nb, path: Path) -> list[dict]:
 
 
 class _Collector:
-    """pytest plugin: remember how each notebook cell ended."""
+    """pytest plugin: remember the error text of each notebook cell that failed."""
 
     def __init__(self):
-        self.cells: dict[tuple[str, int], tuple[bool, str]] = {}
+        self.failures: dict[tuple[str, int], str] = {}
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item, call):
@@ -82,7 +82,8 @@ class _Collector:
         if match:
             # nbval numbers code cells from 0; exercises_in numbers them from 1
             key = (item.path.name, int(match.group(1)) + 1)
-            self.cells[key] = (report.passed, ANSI.sub("", report.longreprtext or ""))
+            if report.failed:
+                self.failures[key] = ANSI.sub("", report.longreprtext or "")
 
 
 def _error_sentence(text: str) -> str:
@@ -100,13 +101,15 @@ def plan(paths: list[Path]) -> list[tuple[Path, list[dict]]]:
 
 def run(plans: list[tuple[Path, list[dict]]]) -> list[dict]:
     """Execute the planned notebooks; return one result per exercise."""
+    from .checks._core import GRADE_LOG  # the variable the checks log their results to
+
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "checks.jsonl"
         ini = Path(tmp) / "pytest.ini"
         ini.write_text("[pytest]\n")
         collector = _Collector()
-        previous = os.environ.get("TRANSFORMER_BOOK_GRADE_LOG")
-        os.environ["TRANSFORMER_BOOK_GRADE_LOG"] = str(log)
+        previous = os.environ.get(GRADE_LOG)
+        os.environ[GRADE_LOG] = str(log)
         try:
             args = ["-q", "-c", str(ini), "--rootdir", tmp, "-p", "no:cacheprovider",
                     "--nbval-lax", "--nbval-current-env", "-o", "addopts=",
@@ -116,9 +119,9 @@ def run(plans: list[tuple[Path, list[dict]]]) -> list[dict]:
                 pytest.main(args, plugins=[collector])
         finally:
             if previous is None:
-                os.environ.pop("TRANSFORMER_BOOK_GRADE_LOG", None)
+                os.environ.pop(GRADE_LOG, None)
             else:
-                os.environ["TRANSFORMER_BOOK_GRADE_LOG"] = previous
+                os.environ[GRADE_LOG] = previous
         logged = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
     results = []
@@ -130,7 +133,7 @@ def run(plans: list[tuple[Path, list[dict]]]) -> list[dict]:
                 passed, message = record["passed"], record["message"]
             else:
                 passed = False
-                ok, text = collector.cells.get((path.name, exercise["cell"]), (False, ""))
+                text = collector.failures.get((path.name, exercise["cell"]), "")
                 if not text:
                     message = "the check cell did not run."
                 else:
