@@ -1,0 +1,526 @@
+"""Checks for the exercises of chapter 7, the full transformer.
+
+Each check compares the student's code with a reference written here (PyTorch's own where
+one exists) on several shapes, seeds and edge cases and, when the two differ, first
+compares the result with what the usual mistakes would produce, so that the failure
+names the likely misconception. Every random input comes from a seeded generator: a
+check leaves the global random state alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._core import (
+    CheckFailure,
+    call,
+    diagnose,
+    exercise,
+    expect_callable,
+    expect_close,
+    expect_shape,
+    expect_tensor,
+    expect_unchanged,
+    fail,
+    forbidden,
+    same,
+)
+
+# PyTorch's cross-entropy, kept before any patching (exercise 7.2 forbids it to the student).
+_cross_entropy = F.cross_entropy
+
+
+def _randn(*shape, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(dtype)
+
+
+# ----------------------------------------------------------------------------- exercise 7.1
+
+
+def _angles(positions: torch.Tensor, d_model: int, base: float, exponent) -> torch.Tensor:
+    """(..., d_model // 2) angles p / base**(exponent(i) / d_model), in float64."""
+    i = torch.arange(d_model // 2, dtype=torch.float64)  # (d_model/2,)
+    return positions.to(torch.float64)[..., None] / base ** (exponent(i) / d_model)
+
+
+def _interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
+    """Columns even[0], odd[0], even[1], odd[1], ...: (..., d/2) twice -> (..., d)."""
+    return torch.stack([even, odd], dim=-1).flatten(-2)
+
+
+def _reference_encoding(positions: torch.Tensor, d_model: int, base: float) -> torch.Tensor:
+    angle = _angles(positions, d_model, base, lambda i: 2 * i)
+    return _interleave(angle.sin(), angle.cos())  # (..., d_model), float64
+
+
+def _encoding_candidates(positions: torch.Tensor, d_model: int, base: float):
+    """(wrong table, message) for the usual mistakes, in float64."""
+    p = positions.to(torch.float64)
+    right = _angles(p, d_model, base, lambda i: 2 * i)
+    single = _angles(p, d_model, base, lambda i: i)
+    shifted = _angles(p + 1, d_model, base, lambda i: 2 * i)
+    own_index = _angles(p, d_model, base, lambda i: 2 * i + 1)  # the odd column's own index
+    times = p[..., None] * base ** (2 * torch.arange(d_model // 2, dtype=torch.float64) / d_model)
+    candidates = [
+        (_interleave(right.cos(), right.sin()), "sin and cos are swapped: even columns 2i hold "
+         "sin(p / base^(2i/d_model)), odd columns 2i+1 hold cos of the same angle."),
+        (torch.cat([right.sin(), right.cos()], dim=-1), "your table puts all the sines in the "
+         "first half of the columns and all the cosines in the second half; the paper's table "
+         "interleaves them: column 2i is a sine, column 2i+1 the cosine of the same angle."),
+        (torch.cat([right.cos(), right.sin()], dim=-1), "your table puts all the cosines in the "
+         "first half and all the sines in the second half; the paper's table interleaves them: "
+         "column 2i is sin, column 2i+1 is cos of the same angle."),
+        (_interleave(single.sin(), single.cos()), "the exponent is i / d_model where it should "
+         "be 2i / d_model (i numbers the sin/cos pairs, 0 ... d_model/2 - 1): your frequencies "
+         "only fall to base^(-1/2) instead of nearly 1/base."),
+        (_interleave(right.sin(), own_index.cos()), "the cosine column 2i+1 uses the exponent "
+         "(2i+1)/d_model, its own column index: both columns of a pair share the angle "
+         "p / base^(2i/d_model)."),
+        (_interleave(shifted.sin(), shifted.cos()), "your positions start at 1: the first token "
+         "has position 0, so its row is sin(0), cos(0) = 0, 1, 0, 1, ..."),
+        (_interleave(times.sin(), times.cos()), "the angles are p * base^(2i/d_model): the "
+         "position is divided by base^(2i/d_model), so the frequencies fall with i."),
+    ]
+    if base != 10000.0:
+        candidates.append((_reference_encoding(p, d_model, 10000.0), f"your table is the one for "
+                           f"base 10000, but base={base} was asked for: the base argument is "
+                           "ignored."))
+    return candidates
+
+
+def _call_encoding(encoding, positions: torch.Tensor, d_model: int, base: float | None):
+    before = positions.clone()
+    kwargs = {} if base is None else {"base": base}
+    label = f"sinusoidal_encoding(positions of shape {tuple(positions.shape)}, {d_model}" + (
+        ")" if base is None else f", base={base})"
+    )
+    table = call(encoding, positions, d_model, what=label, **kwargs)
+    expect_unchanged(before, positions, "positions")
+    table = expect_tensor(table, f"the result of {label}")
+    return table, label
+
+
+@exercise("7.1", "Sinusoidal positions for any position tensor")
+def check_sinusoidal_encoding(sinusoidal_encoding):
+    """Compare ``sinusoidal_encoding(positions, d_model, base=10000.0)`` with the formula."""
+    expect_callable(sinusoidal_encoding, "your encoding function",
+                    "check_sinusoidal_encoding(sinusoidal_encoding)")
+
+    left_padded = torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])  # (2, 5)
+    cases = [
+        (torch.arange(6), 8, None),  # the chapter's table, 6 positions
+        (left_padded, 6, None),  # a batch of positions, d_model/2 odd
+        (torch.arange(40), 16, 100.0),  # another base
+        (torch.tensor([0]), 2, None),  # one position, one pair of columns
+        (torch.tensor([[3, 17], [250, 1]]), 10, 500.0),  # arbitrary positions
+    ]
+    for positions, d_model, base in cases:
+        table, label = _call_encoding(sinusoidal_encoding, positions, d_model, base)
+        expected = _reference_encoding(positions, d_model, 10000.0 if base is None else base)
+        expect_shape(table, expected.shape, f"the result of {label}")
+        if table.dtype != torch.float32:
+            fail(f"{label} returns {table.dtype} for integer positions: return float32, the "
+                 "dtype of the model's embeddings (e.g. positions.float() before the maths).")
+        if same(table, expected, atol=1e-4, rtol=1e-4):
+            continue
+        if not torch.isfinite(table).all():
+            fail(f"{label} contains NaN or inf: check the division by base^(2i/d_model).")
+        diagnose(
+            table,
+            _encoding_candidates(positions, d_model, 10000.0 if base is None else base),
+            atol=1e-4,
+            rtol=1e-4,
+        )
+        expect_close(table, expected, f"{label} differs from PE[p, 2i] = sin(p / base^(2i/"
+                     "d_model)), PE[p, 2i+1] = cos(p / base^(2i/d_model))", atol=1e-4, rtol=1e-4)
+
+    # float64 positions: float64 all the way, to float64 precision, far into the table.
+    positions = torch.arange(0, 3000, 7, dtype=torch.float64)
+    table, label = _call_encoding(sinusoidal_encoding, positions, 12, None)
+    expected = _reference_encoding(positions, 12, 10000.0)
+    expect_shape(table, expected.shape, f"the result of {label}")
+    if table.dtype != torch.float64:
+        fail(f"{label} returns {table.dtype} for float64 positions: keep a floating input's "
+             "dtype (build the frequencies with dtype=positions.dtype).")
+    if not same(table, expected, atol=1e-10, rtol=1e-10):
+        if same(table, expected, atol=1e-3, rtol=1e-3):
+            fail(f"{label} is right only to about 1e-5, not to float64 precision: part of the "
+                 "computation runs in float32 (torch.arange(...) and torch.tensor(...) default "
+                 "to float32; pass dtype=positions.dtype). At position 3000 an angle needs "
+                 "float64 to keep its sine to 1e-10.")
+        diagnose(table, _encoding_candidates(positions, 12, 10000.0), atol=1e-6, rtol=1e-6)
+        expect_close(table, expected, f"{label} differs from the reference in float64",
+                     atol=1e-10, rtol=1e-10)
+
+    # an odd d_model has no cosine for its last sine: a clear error
+    try:
+        call(sinusoidal_encoding, torch.arange(3), 7, what="sinusoidal_encoding(positions, 7)")
+    except CheckFailure as failure:
+        if isinstance(failure.__cause__, ValueError):
+            return
+        raise
+    fail("sinusoidal_encoding(positions, 7) returned a result: an odd d_model has no cosine "
+         "column for its last sine; raise ValueError with one sentence saying d_model must "
+         "be even.")
+
+
+# ----------------------------------------------------------------------------- exercise 7.2
+
+_CROSS_ENTROPY_MESSAGE = (
+    "your function calls F.cross_entropy (or nn.CrossEntropyLoss), the reference it is "
+    "compared with: write the loss yourself from log_softmax."
+)
+
+
+def _smoothed_parts(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
+    """Per real token: -log p(target), -log p of every class; and the real-token mask."""
+    vocab = logits.size(-1)
+    log_p = logits.double().reshape(-1, vocab).log_softmax(dim=-1)  # (N, V)
+    flat = target.reshape(-1)  # (N,)
+    keep = flat != ignore_index  # (N,)
+    nll = -log_p.gather(-1, flat.clamp(0, vocab - 1)[:, None])[:, 0]  # (N,)
+    return nll, -log_p, keep
+
+
+def _loss_candidates(logits, target, smoothing, ignore_index):
+    """(wrong loss, message) for the usual label-smoothing and padding mistakes."""
+    vocab = logits.size(-1)
+    eps = smoothing
+    nll, neg_log_p, keep = _smoothed_parts(logits, target, ignore_index)
+    keep_f = keep.double()
+    uniform = neg_log_p.mean(dim=-1)  # (N,) mean over the V classes
+    right = (1 - eps) * nll + eps * uniform  # (N,) torch's per-token loss
+    others = (neg_log_p.sum(dim=-1) - nll) / (vocab - 1)  # mean over the V-1 other classes
+
+    def mean_real(per_token):
+        return (per_token * keep_f).sum() / keep_f.sum()
+
+    candidates = [
+        ((right * keep_f).sum() / keep.numel(), "padding is counted in the mean: you zeroed the "
+         "loss at ignored positions but divided by all positions; divide by the number of "
+         "targets that are not ignore_index."),
+        (mean_real(nll), "your loss is the plain cross-entropy: the smoothing is missing "
+         "(loss = (1 - smoothing) * (-log p[target]) + smoothing * mean over classes of "
+         "(-log p))."),
+        (mean_real((1 - eps) * nll + eps * others), "you spread the smoothing mass over the "
+         "V-1 wrong classes (target gets exactly 1 - smoothing); F.cross_entropy spreads "
+         "smoothing/V over all V classes, the target included, so the target gets "
+         "1 - smoothing + smoothing/V."),
+        (mean_real((1 - eps) * nll), "only the (1 - smoothing) * (-log p[target]) term is "
+         "there: add smoothing times the mean over classes of -log p."),
+        (mean_real(nll + eps * uniform), "the target term is not scaled by (1 - smoothing): "
+         "loss = (1 - smoothing) * (-log p[target]) + smoothing * mean_c(-log p[c])."),
+        (mean_real((1 - eps) * nll + eps * neg_log_p.sum(dim=-1)), "the smoothing term sums "
+         "-log p over the classes; it is the mean (each class gets smoothing/V)."),
+        ((right * keep_f).sum(), "your loss is the sum over tokens: return the mean over the "
+         "tokens that are not ignore_index (reduction='mean')."),
+    ]
+    if 0 < eps:
+        q_target = 1 - eps + eps / vocab
+        q_other = eps / vocab
+        entropy = -(q_target * math.log(q_target) + (vocab - 1) * q_other * math.log(q_other))
+        candidates.append((mean_real(right - entropy), "your loss is smaller than "
+                           "F.cross_entropy's by exactly the entropy of the smoothed target: "
+                           "you computed the KL divergence (nn.KLDivLoss, as in some tutorials), "
+                           "not the cross-entropy. They have the same gradient but not the "
+                           "same value."))
+    pad_class = neg_log_p[:, ignore_index] if 0 <= ignore_index < vocab else 0.0
+    pad_excluded = (neg_log_p.sum(dim=-1) - nll - pad_class) / (vocab - 2)
+    candidates.append((mean_real((1 - eps) * nll + eps * pad_excluded), "you give the padding "
+                       "class no smoothing mass and spread it as smoothing/(V-2) over the "
+                       "others (as the Annotated Transformer does); F.cross_entropy spreads "
+                       "smoothing/V over every class, ignore_index included."))
+    if 0 <= ignore_index < vocab:
+        candidates.append((right.mean(), "padding targets are not ignored: they are scored as a "
+                           "class and counted in the mean; leave out every position whose "
+                           "target is ignore_index."))
+    if target.dim() > 1:
+        per_row = (right * keep_f).view(target.shape).sum(-1) / keep_f.view(target.shape).sum(-1)
+        candidates.append((per_row.mean(), "you averaged each sequence over its tokens, then "
+                           "the sequences: F.cross_entropy averages over all real tokens at "
+                           "once, so a long sequence weighs more than a short one."))
+        log_p_dim1 = logits.double().log_softmax(dim=1)  # over the length axis
+        vocab_last = -log_p_dim1.reshape(-1, vocab)
+        nll_dim1 = vocab_last.gather(-1, target.reshape(-1).clamp(0, vocab - 1)[:, None])[:, 0]
+        candidates.append((mean_real((1 - eps) * nll_dim1 + eps * vocab_last.mean(-1)),
+                           "the softmax runs over dim 1, the length axis: here the classes are "
+                           "on the last axis, (batch, L, V); use log_softmax(dim=-1)."))
+    if smoothing != 0.1:
+        candidates.append((mean_real((1 - 0.1) * nll + 0.1 * uniform), f"your loss is the one "
+                           f"for smoothing=0.1, but smoothing={smoothing} was asked for: the "
+                           "smoothing argument is ignored."))
+    return candidates
+
+
+def _reference_loss(logits, target, smoothing, ignore_index):
+    vocab = logits.size(-1)
+    return _cross_entropy(logits.reshape(-1, vocab), target.reshape(-1),
+                          ignore_index=ignore_index, label_smoothing=smoothing)
+
+
+def _call_loss(loss_fn, logits, target, smoothing, ignore_index):
+    kwargs = {"smoothing": smoothing}
+    if ignore_index is not None:
+        kwargs["ignore_index"] = ignore_index
+    label = (f"label_smoothed_cross_entropy(logits {tuple(logits.shape)}, target "
+             f"{tuple(target.shape)}, " + ", ".join(f"{k}={v}" for k, v in kwargs.items()) + ")")
+    before = (logits.detach().clone(), target.clone())
+    with forbidden([(F, "cross_entropy")], _CROSS_ENTROPY_MESSAGE):
+        loss = call(loss_fn, logits, target, what=label, **kwargs)
+    expect_unchanged(before[0], logits.detach(), "logits")
+    expect_unchanged(before[1], target, "target")
+    loss = expect_tensor(loss, f"the result of {label}")
+    if loss.dim() != 0:
+        if loss.numel() == target.numel():
+            fail(f"{label} returns one loss per token, shape {tuple(loss.shape)}: return their "
+                 "mean over the tokens that are not ignore_index, a 0-d tensor.")
+        fail(f"{label} returns shape {tuple(loss.shape)}: return a single number, a 0-d tensor.")
+    return loss, label
+
+
+def _targets(shape, vocab: int, seed: int, pad: int | None = None, lengths=None):
+    generator = torch.Generator().manual_seed(seed)
+    low = 0 if pad is None else 1  # real targets avoid the pad id (pad is 0 when given)
+    target = torch.randint(low, vocab, shape, generator=generator)
+    if pad is not None:
+        for row, length in enumerate(lengths):
+            target[row, length:] = pad
+    return target
+
+
+@exercise("7.2", "Label-smoothed cross-entropy that ignores padding")
+def check_label_smoothed_cross_entropy(label_smoothed_cross_entropy):
+    """Compare with ``F.cross_entropy(..., label_smoothing=s, ignore_index=i)``."""
+    expect_callable(label_smoothed_cross_entropy, "your loss function",
+                    "check_label_smoothed_cross_entropy(label_smoothed_cross_entropy)")
+    ignored = torch.tensor([0, 4, 3, 0, 1, 0, 2])  # ignore_index=-100 would never match
+    cases = [
+        # logits, target, smoothing, ignore_index (None: left at its default, -100)
+        (_randn(7, 5, seed=1, scale=2.0), ignored, 0.1, None),
+        (_randn(3, 6, 11, seed=2, scale=2.0), _targets((3, 6), 11, 3, 0, [6, 2, 4]), 0.2, 0),
+        (_randn(2, 5, 4, seed=4), _targets((2, 5), 4, 5, 0, [5, 1]), 0.0, 0),
+        (_randn(9, 7, seed=6, scale=3.0), torch.tensor([1, 6, 6, 2, 0, 6, 3, 4, 5]), 0.3, 6),
+        (_randn(4, 3, 6, seed=7), _targets((4, 3), 6, 8, -100, [3, 1, 2, 3]), 0.1, -100),
+    ]
+    for logits, target, smoothing, ignore_index in cases:
+        index = -100 if ignore_index is None else ignore_index
+        loss, label = _call_loss(label_smoothed_cross_entropy, logits, target, smoothing,
+                                 ignore_index)
+        expected = _reference_loss(logits.double(), target, smoothing, index)
+        if same(loss, expected, atol=1e-5, rtol=1e-5):
+            continue
+        if not torch.isfinite(loss):
+            fail(f"{label} is {loss.item()}: with ordinary logits the loss is finite; does a "
+                 "position get log(0)?")
+        diagnose(loss, _loss_candidates(logits, target, smoothing, index), atol=1e-5, rtol=1e-5)
+        expect_close(loss, expected, f"{label} differs from F.cross_entropy(..., "
+                     f"label_smoothing={smoothing}, ignore_index={index})", atol=1e-5, rtol=1e-5)
+
+    # large logits: log(softmax(x)) underflows to log(0) = -inf; log_softmax does not
+    logits = _randn(4, 6, seed=9, scale=200.0)
+    target = torch.tensor([0, 1, 2, 3])
+    loss, label = _call_loss(label_smoothed_cross_entropy, logits, target, 0.1, None)
+    expected = _reference_loss(logits.double(), target, 0.1, -100)
+    if not torch.isfinite(loss):
+        fail(f"{label} is {loss.item()} for logits of size about 200: softmax underflows to 0 "
+             "for the unlikely classes and log(0) = -inf; use log_softmax, which subtracts "
+             "the max first (log_softmax(x) = x - logsumexp(x)).")
+    expect_close(loss, expected, f"{label} differs from F.cross_entropy for large logits",
+                 atol=1e-3, rtol=1e-5)
+
+    # float64 stays float64; the gradient matches torch's
+    logits = _randn(2, 4, 5, seed=10, dtype=torch.float64).requires_grad_()
+    target = _targets((2, 4), 5, 11, 0, [4, 2])
+    loss, label = _call_loss(label_smoothed_cross_entropy, logits, target, 0.1, 0)
+    if loss.dtype != torch.float64:
+        fail(f"{label} returns {loss.dtype} for float64 logits: keep the logits' dtype.")
+    if not loss.requires_grad:
+        fail(f"{label} carries no gradient: is it computed from logits.detach(), logits.data "
+             "or through .item()?")
+    (grad,) = torch.autograd.grad(loss, logits)
+    reference = logits.detach().clone().requires_grad_()
+    (grad_ref,) = torch.autograd.grad(_reference_loss(reference, target, 0.1, 0), reference)
+    expect_close(grad, grad_ref, f"the gradient of {label} differs from F.cross_entropy's",
+                 atol=1e-10, rtol=1e-8)
+
+
+# ----------------------------------------------------------------------------- exercise 7.3
+
+
+def _reference_batch(sequences, bos_id: int, eos_id: int, pad_id: int):
+    """(decoder input, decoder target, target mask), written with loops on purpose."""
+    batch, length = len(sequences), max(len(s) for s in sequences) + 1
+    decoder_input = torch.full((batch, length), pad_id, dtype=torch.long)
+    decoder_target = torch.full((batch, length), pad_id, dtype=torch.long)
+    for b, tokens in enumerate(sequences):
+        n = len(tokens)
+        decoder_input[b, 0] = bos_id
+        decoder_input[b, 1 : n + 1] = tokens
+        decoder_target[b, :n] = tokens
+        decoder_target[b, n] = eos_id
+    mask = torch.zeros(batch, 1, length, length, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(length):
+            for j in range(i + 1):
+                mask[b, 0, i, j] = bool(decoder_input[b, j] != pad_id)
+    return decoder_input, decoder_target, mask
+
+
+def _index(got: torch.Tensor, expected: torch.Tensor) -> str:
+    where = tuple(int(i) for i in (got != expected).nonzero()[0])
+    return f"at index {where} you have {got[where].item()}, expected {expected[where].item()}"
+
+
+def _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_target,
+                     sequences, bos_id, eos_id, pad_id, where):
+    batch, length = expected_input.shape
+    if decoder_input.shape != decoder_target.shape:
+        fail(f"{where}: the decoder input has shape {tuple(decoder_input.shape)} and the target "
+             f"{tuple(decoder_target.shape)}; they must have the same shape, (batch, L): "
+             "position t of the input is where the model predicts position t of the target.")
+    if torch.equal(decoder_input, decoder_target):
+        fail(f"{where}: the decoder input equals the target, so the model is asked to copy "
+             "the token it is reading: no shift. The input is the target shifted right by one, "
+             "starting with BOS: input [BOS, y1, ..., yn], target [y1, ..., yn, EOS].")
+    if decoder_input.shape == (batch, length - 1):
+        fail(f"{where}: your tensors have {length - 1} positions, expected {length}: is BOS "
+             "missing from the input (then the model never learns to predict the first token "
+             "from BOS alone), or EOS from the target? Input [BOS, y1, ..., yn], target "
+             "[y1, ..., yn, EOS], padded to the longest n + 1.")
+    if decoder_input.shape == (batch, length + 1):
+        fail(f"{where}: your tensors have {length + 1} positions, expected {length}: the input "
+             "is [BOS, y1, ..., yn] (it never contains EOS: nothing is predicted after EOS) and "
+             "the target [y1, ..., yn, EOS].")
+    expect_shape(decoder_input, (batch, length), f"{where}: the decoder input")
+    if decoder_input.dtype != torch.long or decoder_target.dtype != torch.long:
+        fail(f"{where}: token tensors must be torch.long (token ids index an nn.Embedding); "
+             f"yours are {decoder_input.dtype} and {decoder_target.dtype}.")
+    if torch.equal(decoder_input, expected_target) and torch.equal(decoder_target, expected_input):
+        fail(f"{where}: input and target are swapped: the decoder reads [BOS, y1, ..., yn] and "
+             "predicts [y1, ..., yn, EOS].")
+    right = torch.equal(decoder_input, expected_input) and torch.equal(decoder_target,
+                                                                       expected_target)
+    if pad_id != 0 and not right:
+        zero_input, zero_target, _ = _reference_batch(sequences, bos_id, eos_id, 0)
+        if torch.equal(decoder_input, zero_input) or torch.equal(decoder_target, zero_target):
+            fail(f"{where}: your rows are padded with 0, but pad_id={pad_id}: pad with the "
+                 "pad_id argument (torch.full(..., pad_id)).")
+    if (decoder_input[:, 0] != bos_id).any():
+        fail(f"{where}: the decoder input does not start with BOS ({bos_id}) in every row: the "
+             "first prediction is made from BOS alone.")
+    if not torch.equal(decoder_target, expected_target):
+        if (decoder_target[:, 0] == bos_id).all():
+            fail(f"{where}: the target starts with BOS: it must be the input shifted left by one, "
+                 "[y1, ..., yn, EOS]; the model never has to predict BOS.")
+        if not (decoder_target == eos_id).any(dim=1).all():
+            fail(f"{where}: a row of the target has no EOS: append EOS after y1 ... yn, so that "
+                 "the model learns when to stop.")
+        if (decoder_target == -100).any():
+            fail(f"{where}: the target is padded with -100; pad it with pad_id ({pad_id}), the "
+                 "ignore_index the chapter's loss uses.")
+        fail(f"{where}: the decoder target differs from [y1, ..., yn, EOS, pad, ...]: "
+             f"{_index(decoder_target, expected_target)}.")
+    if not torch.equal(decoder_input, expected_input):
+        rows = [torch.cat([torch.tensor([bos_id]), s, torch.tensor([eos_id])]) for s in sequences]
+        with_eos = torch.full_like(expected_input, pad_id)
+        for b, row in enumerate(rows):
+            row = row[:length]
+            with_eos[b, : len(row)] = row
+        if torch.equal(decoder_input, with_eos):
+            fail(f"{where}: the shortest rows of your input contain EOS: the input is "
+                 "[BOS, y1, ..., yn] and is padded after yn; EOS belongs to the target only.")
+        fail(f"{where}: the decoder input differs from [BOS, y1, ..., yn, pad, ...]: "
+             f"{_index(decoder_input, expected_input)}.")
+
+
+def _diagnose_mask(mask, decoder_input, expected, pad_id, where):
+    batch, length = decoder_input.shape
+    mask = expect_tensor(mask, f"{where}: the target mask")
+    if tuple(mask.shape) == (batch, length, length):
+        fail(f"{where}: the target mask has shape {tuple(mask.shape)}: add the head axis, "
+             f"({batch}, 1, {length}, {length}), so that it broadcasts over heads.")
+    if tuple(mask.shape) != tuple(expected.shape) and tuple(mask.shape) in [
+        (length, length),
+        (1, 1, length, length),
+    ]:
+        fail(f"{where}: the target mask has shape {tuple(mask.shape)}, the same for every "
+             f"sequence: it must also hide each sequence's padding, shape ({batch}, 1, "
+             f"{length}, {length}).")
+    if mask.dtype != torch.bool:
+        fail(f"{where}: the target mask has dtype {mask.dtype}; it must be torch.bool, "
+             "True = may attend (build it with comparisons and &).")
+    expect_shape(mask, expected.shape, f"{where}: the target mask")
+    if torch.equal(mask, expected):
+        return
+    causal = torch.ones(length, length, dtype=torch.bool).tril().expand(expected.shape)
+    real = (decoder_input != pad_id)[:, None, None, :].expand(expected.shape)
+    real_query = (decoder_input != pad_id)[:, None, :, None].expand(expected.shape)
+    if torch.equal(mask, ~expected):
+        fail(f"{where}: the target mask is the exact opposite of the expected one: the "
+             "polarity is inverted. True means 'may attend'.")
+    if torch.equal(mask, real):
+        fail(f"{where}: the target mask lets position i attend to later positions: the causal "
+             "mask is missing, so in training the decoder peeks at the very token it has to "
+             "predict (the next input is the current target) and learns to copy it.")
+    if torch.equal(mask, causal):
+        fail(f"{where}: the target mask lets every position attend to padding keys: the "
+             "padding mask is missing; combine it with the causal mask using &.")
+    if torch.equal(mask, causal & ~real):
+        fail(f"{where}: the padding part of the target mask is inverted: it is True at padding "
+             "keys. True means 'may attend', so real tokens are True (tokens != pad_id).")
+    if torch.equal(mask, causal & real_query) or torch.equal(mask, causal & real & real_query):
+        fail(f"{where}: your padding mask is on the query axis (or on both): padding hides "
+             "keys, the last axis, so (tokens != pad_id)[:, None, None, :]. Padded query "
+             "positions may attend to earlier tokens: their outputs are ignored by the loss.")
+    if torch.equal(mask, causal | real) or torch.equal(mask, causal | ~real):
+        fail(f"{where}: the masks are combined with | (OR): a key must pass both, so use & "
+             "(AND).")
+    if torch.equal(mask, expected & ~torch.eye(length, dtype=torch.bool)):
+        fail(f"{where}: the target mask hides the diagonal: position i may attend to itself "
+             "(keys j <= i). Use tril(), not tril(diagonal=-1).")
+    if (mask & ~causal).any():
+        fail(f"{where}: the target mask lets some positions attend to later ones "
+             f"({_index(mask, expected)}): the decoder peeks at the future.")
+    fail(f"{where}: the target mask differs from causal & not-padding: {_index(mask, expected)}.")
+
+
+@exercise("7.3", "The decoder input, target and mask of a batch")
+def check_decoder_batch(make_decoder_batch):
+    """Compare ``make_decoder_batch(sequences, bos_id, eos_id, pad_id)`` with the reference."""
+    expect_callable(make_decoder_batch, "your batch function",
+                    "check_decoder_batch(make_decoder_batch)")
+
+    def seqs(*rows):
+        return [torch.tensor(row, dtype=torch.long) for row in rows]
+
+    generator = torch.Generator().manual_seed(73)
+    random_rows = [torch.randint(4, 20, (int(n),), generator=generator)
+                   for n in torch.randint(1, 9, (5,), generator=generator)]
+    cases = [
+        (seqs([5, 6, 7], [8, 9], [10, 11, 12, 13]), 1, 2, 0),  # three lengths, pad 0
+        (seqs([4, 4, 5, 6]), 1, 2, 0),  # batch of one, no padding
+        (seqs([7, 8], [9, 10]), 0, 1, 3),  # same lengths; pad id 3, BOS id 0
+        (seqs([5, 5, 5], []), 1, 2, 0),  # an empty sequence: input [BOS], target [EOS]
+        (random_rows, 2, 3, 1),
+    ]
+    for sequences, bos_id, eos_id, pad_id in cases:
+        where = (f"for sequences {[s.tolist() for s in sequences]} with bos_id={bos_id}, "
+                 f"eos_id={eos_id}, pad_id={pad_id}")
+        result = call(make_decoder_batch, [s.clone() for s in sequences], bos_id, eos_id,
+                      pad_id, what="make_decoder_batch(sequences, bos_id, eos_id, pad_id)")
+        if not (isinstance(result, tuple) and len(result) == 3):
+            fail("make_decoder_batch should return a tuple (decoder_input, decoder_target, "
+                 f"tgt_mask); it returned a {type(result).__name__}"
+                 + (f" of length {len(result)}." if isinstance(result, tuple) else "."))
+        decoder_input, decoder_target, mask = result
+        decoder_input = expect_tensor(decoder_input, f"{where}: the decoder input")
+        decoder_target = expect_tensor(decoder_target, f"{where}: the decoder target")
+        expected_input, expected_target, expected_mask = _reference_batch(sequences, bos_id,
+                                                                          eos_id, pad_id)
+        _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_target,
+                         sequences, bos_id, eos_id, pad_id, where)
+        _diagnose_mask(mask, expected_input, expected_mask, pad_id, where)
