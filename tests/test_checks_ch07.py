@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from notebook_code import namespace
 from transformer_book import causal_mask, padding_mask
 from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch07 import (
+    check_beam_search,
     check_decoder_batch,
     check_label_smoothed_cross_entropy,
     check_sinusoidal_encoding,
@@ -420,3 +423,104 @@ def test_decoder_batch_names_a_missing_tuple():
 def test_decoder_batch_accepts_the_right_recipe(capsys):
     check_decoder_batch(_batch(_right_tokens))
     assert "passed" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 7.4
+
+
+def _beam(mistake=None, refill=False, early_stop=False):
+    """A beam search with one mistake switched on (or an accepted variant)."""
+
+    def beam_search(model, src, bos_id, eos_id, max_len, beam_size):
+        if mistake != "train mode":
+            model.eval()
+        context = torch.enable_grad() if mistake == "gradients" else torch.no_grad()
+        with context:
+            memory = model.encode(src)
+            live, finished, step = [([bos_id], 0.0)], [], 0
+            limit = max_len + 1 if mistake == "max_len + 1" else max_len
+            while live and len(live[0][0]) < limit:
+                step += 1
+                if early_stop and finished and max(s for _, s in finished) >= live[0][1]:
+                    break  # no live hypothesis can catch up: scores only go down
+                k = len(live)
+                tgt = torch.tensor([tokens for tokens, _ in live])
+                logits = model.decode(tgt, memory.expand(k, -1, -1), src.expand(k, -1))
+                last = logits[:, 0] if mistake == "first position" else logits[:, -1]
+                if mistake == "logits":
+                    scores = last
+                elif mistake == "probabilities":
+                    scores = last.softmax(-1)
+                else:
+                    scores = last.log_softmax(-1)
+                base = torch.tensor([0.0 if mistake == "not accumulated" else s for _, s in live])
+                totals = base[:, None] + scores
+                if mistake == "greedy beams" and step > 1:
+                    best = totals.argmax(-1)
+                    chosen = [(b, int(best[b])) for b in range(k)]
+                else:
+                    order = totals.flatten().argsort(descending=True)
+                    width = totals.numel() if refill else beam_size
+                    chosen = [divmod(int(i), totals.size(1)) for i in order[:width]]
+                new_live = []
+                for rank, (b, token) in enumerate(chosen):
+                    hypothesis = (tgt[b].tolist() + [token], totals[b, token].item())
+                    ends = token == eos_id and mistake != "extends finished"
+                    if ends and rank < beam_size:
+                        finished.append(hypothesis)
+                    elif not ends and len(new_live) < beam_size and (refill or rank < beam_size):
+                        new_live.append(hypothesis)
+                live = new_live
+            pool = finished + live
+            if mistake == "length normalized":
+                tokens, score = max(pool, key=lambda h: h[1] / (len(h[0]) - 1))
+            else:
+                tokens, score = max(pool, key=lambda h: h[1])
+        if mistake == "score without EOS" and tokens[-1] == eos_id:
+            with torch.no_grad():
+                logits = model.decode(torch.tensor([tokens[:-1]]), memory, src)
+            score -= logits[0, -1].log_softmax(-1)[eos_id].item()
+        if mistake == "probability":
+            score = math.exp(score)
+        if mistake == "2-D":
+            return torch.tensor([tokens]), score
+        if mistake == "no BOS":
+            return torch.tensor(tokens[1:]), score
+        if mistake == "tokens only":
+            return torch.tensor(tokens)
+        return torch.tensor(tokens), score
+
+    return beam_search
+
+
+@pytest.mark.parametrize(
+    "variant", [_beam(), _beam(refill=True), _beam(early_stop=True)], ids=["plain", "refill", "early stop"]
+)
+def test_beam_search_accepts_the_usual_variants(variant, capsys):
+    check_beam_search(variant)
+    assert "passed" in capsys.readouterr().out
+
+
+BEAM_MISTAKES = {
+    "not accumulated": "last\\s+token only",
+    "logits": "adds raw logits",
+    "probabilities": "adds probabilities",
+    "greedy beams": "follows only its own best",
+    "first position": "logits of position 0",
+    "length normalized": "divided by\\s+its length",
+    "train mode": "model.eval\\(\\)",
+    "gradients": "torch.no_grad\\(\\)",
+    "extends finished": "goes on after EOS",
+    "max_len + 1": "more than max_len",
+    "score without EOS": "leaves out log p\\(EOS\\)",
+    "probability": "you return the probability",
+    "2-D": "return one sequence, a\\s+1-D tensor",
+    "no BOS": "starts with BOS",
+    "tokens only": "should return a tuple",
+}
+
+
+@pytest.mark.parametrize("mistake, message", BEAM_MISTAKES.items(), ids=BEAM_MISTAKES.keys())
+def test_beam_search_names_the_mistake(mistake, message):
+    with pytest.raises(CheckFailure, match=message):
+        check_beam_search(_beam(mistake))

@@ -10,6 +10,7 @@ check leaves the global random state alone.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -524,3 +525,308 @@ def check_decoder_batch(make_decoder_batch):
         _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_target,
                          sequences, bos_id, eos_id, pad_id, where)
         _diagnose_mask(mask, expected_input, expected_mask, pad_id, where)
+
+
+# ----------------------------------------------------------------------------- exercise 7.4
+
+_PAD, _BOS, _EOS = 0, 1, 2  # token ids of the check's little models
+
+
+class _LookupModel(torch.nn.Module):
+    """A stand-in for the chapter's Transformer with encode(src) and decode(tgt, memory, src).
+
+    The logits of position t of ``tgt`` depend on the source and on ``tgt[:, :t + 1]`` only
+    (as a causal decoder's do), through ``next_logits(source, prefix)``. Every call records
+    whether gradients were on and whether the model was in training mode.
+    """
+
+    def __init__(self, vocab_size: int, next_logits):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.next_logits = next_logits
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # so that the model has a parameter
+        self.grad_enabled_calls = 0
+        self.training_calls = 0
+        self._cache: dict = {}
+
+    def encode(self, src):
+        return F.one_hot(src, 32).float() + self.anchor  # (B, L_src, 32)
+
+    def decode(self, tgt, memory, src=None):
+        if torch.is_grad_enabled():
+            self.grad_enabled_calls += 1
+        if self.training:
+            self.training_calls += 1
+        if tgt.dim() != 2:
+            raise ValueError(f"decode expects tgt of shape (batch, L_tgt), got {tuple(tgt.shape)}")
+        batch, length = tgt.shape
+        if memory.size(0) not in (1, batch):
+            raise ValueError(f"memory has batch {memory.size(0)} but tgt has batch {batch}")
+        sources = memory.argmax(dim=-1).expand(batch, -1)  # (B, L_src): the source tokens back
+        out = torch.empty(batch, length, self.vocab_size)
+        for b in range(batch):
+            source = tuple(sources[b].tolist())
+            for t in range(length):
+                key = (source, tuple(tgt[b, : t + 1].tolist()))
+                if key not in self._cache:
+                    self._cache[key] = self.next_logits(*key)
+                out[b, t] = self._cache[key]
+        return out + self.anchor  # (B, L_tgt, V)
+
+    def forward(self, src, tgt):
+        return self.decode(tgt, self.encode(src), src)
+
+
+def _random_next_logits(vocab_size: int, seed: int, scale: float, eos_bias: float):
+    """Logits that look random but are a fixed function of (source, prefix)."""
+
+    def next_logits(source, prefix):
+        key = zlib.crc32(repr((seed, source, prefix)).encode())
+        generator = torch.Generator().manual_seed(key)
+        logits = scale * torch.randn(vocab_size, generator=generator)
+        logits[_EOS] += eos_bias * len(prefix)  # EOS grows likelier with length
+        logits[_PAD] = logits[_BOS] = -30.0  # never predicted
+        return logits
+
+    return next_logits
+
+
+def _table_next_logits(vocab_size: int, table: dict):
+    """Log-probabilities from a table {prefix after BOS: {token: probability}}."""
+
+    def next_logits(source, prefix):
+        probs = torch.full((vocab_size,), 1e-6)
+        for token, p in table.get(prefix[1:], {_EOS: 1.0}).items():
+            probs[token] = p
+        return (probs / probs.sum()).log()
+
+    return next_logits
+
+
+# The greedy path is not the most probable one: from BOS, A (0.5) beats B (0.4), but after A
+# every continuation is unlikely, while B is almost surely followed by EOS.
+_A, _B = 3, 4
+_TRAP = {  # greedy: A EOS (0.5 x 0.4 = 0.2); best: B EOS (0.4 x 0.9 = 0.36)
+    (): {_A: 0.5, _B: 0.4, _EOS: 0.1},
+    (_A,): {_A: 0.3, _B: 0.3, _EOS: 0.4},
+    (_B,): {_EOS: 0.9, _A: 0.05, _B: 0.05},
+    (_A, _A): {_EOS: 1.0},
+    (_A, _B): {_EOS: 1.0},
+    (_B, _A): {_EOS: 1.0},
+    (_B, _B): {_EOS: 1.0},
+}
+
+
+# The best sequence, A B EOS (0.6 x 0.44 = 0.264), needs two children of the beam A at step 2;
+# greedy (and beams that each follow their own best token) end with A A A EOS (0.248).
+_TRAP_2 = {
+    (): {_A: 0.6, _B: 0.4},
+    (_A,): {_A: 0.46, _B: 0.44, _EOS: 0.1},
+    (_B,): {_A: 0.5, _B: 0.3, _EOS: 0.2},
+    (_A, _A): {_A: 0.9, _EOS: 0.1},
+}
+
+
+def _log_probs(model, src, tokens: list[int]) -> list[float]:
+    """log p(token | prefix, src) for every token after the first, by teacher forcing."""
+    with torch.no_grad():
+        logits = model.decode(torch.tensor([tokens[:-1]]), model.encode(src), src)
+    log_p = logits[0].double().log_softmax(dim=-1)  # (T - 1, V)
+    return [log_p[t, token].item() for t, token in enumerate(tokens[1:])]
+
+
+def _search(model, src, max_len: int, beam_size: int, refill=False, mistake=None):
+    """Beam search over the check's models; ``mistake`` switches on one usual error."""
+    memory = model.encode(src)
+    live, finished, step = [([_BOS], 0.0)], [], 0
+    while live and len(live[0][0]) < max_len:
+        step += 1
+        tgt = torch.tensor([seq for seq, _ in live])  # (k, t)
+        logits = model.decode(tgt, memory.expand(len(live), -1, -1), src)  # (k, t, V)
+        logits = (logits[:, 0] if mistake == "first position" else logits[:, -1]).double()
+        scores = {
+            "logits": logits,
+            "probabilities": logits.softmax(dim=-1),
+        }.get(mistake, logits.log_softmax(dim=-1))  # (k, V)
+        candidates = []
+        for b, (seq, score) in enumerate(live):
+            tokens = range(model.vocab_size)
+            if mistake == "greedy beams" and step > 1:
+                tokens = [int(scores[b].argmax())]
+            base = 0.0 if mistake == "not accumulated" else score
+            candidates += [(seq + [t], base + scores[b, t].item()) for t in tokens]
+        candidates.sort(key=lambda c: -c[1])
+        top = candidates[:beam_size]
+        finished += [c for c in top if c[0][-1] == _EOS]
+        if refill:
+            live = [c for c in candidates if c[0][-1] != _EOS][:beam_size]
+        else:
+            live = [c for c in top if c[0][-1] != _EOS]
+    pool = finished + live
+    if mistake == "length normalized":
+        return max(pool, key=lambda c: c[1] / (len(c[0]) - 1))[0]
+    return max(pool, key=lambda c: c[1])[0]
+
+
+_BEAM_MISTAKES = [
+    ("not accumulated", "your search ranks hypotheses by the log-probability of their last "
+     "token only: a hypothesis's score is the SUM of the log-probabilities of all its tokens "
+     "(score of the parent + log p(new token))."),
+    ("logits", "your search adds raw logits: turn them into log-probabilities first "
+     "(log_softmax over the vocabulary); logits of different prefixes are not comparable."),
+    ("probabilities", "your search adds probabilities: the probability of a sequence is the "
+     "product of its tokens' probabilities, so add their logarithms (log_softmax)."),
+    ("greedy beams", "after the first step each of your beams follows only its own best "
+     "token: all extensions of all beams compete for the beam_size places, so a beam may "
+     "keep two of its children and another none."),
+    ("first position", "your search reads the logits of position 0 at every step: the "
+     "prediction for the next token is at the last position, logits[:, -1]."),
+    ("length normalized", "your search picks the final hypothesis by its score divided by "
+     "its length: this exercise ranks by the total log-probability, without length "
+     "normalization."),
+]
+
+
+def _call_beam(beam_search, model, src, max_len, beam_size, label):
+    result = call(beam_search, model, src, _BOS, _EOS, max_len, beam_size, what=label)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        fail(f"{label} should return a tuple (tokens, score); it returned a "
+             f"{type(result).__name__}.")
+    tokens, score = result
+    tokens = expect_tensor(tokens, f"the tokens returned by {label}")
+    if tokens.dim() == 2 and tokens.size(0) == 1:
+        fail(f"{label} returns tokens of shape {tuple(tokens.shape)}: return one sequence, a "
+             "1-D tensor (tokens[0]).")
+    if tokens.dim() != 1:
+        fail(f"{label} returns tokens of shape {tuple(tokens.shape)}: return a 1-D tensor, "
+             "BOS first.")
+    if tokens.dtype != torch.long:
+        fail(f"{label} returns tokens of dtype {tokens.dtype}: token ids are torch.long.")
+    if isinstance(score, torch.Tensor):
+        if score.numel() != 1:
+            fail(f"{label} returns a score of shape {tuple(score.shape)}: return one number, "
+                 "the log-probability of the returned sequence.")
+        score = score.item()
+    if not isinstance(score, (int, float)):
+        fail(f"{label} returns a score of type {type(score).__name__}: return a float.")
+    tokens = tokens.tolist()
+    if model.training_calls:
+        fail(f"{label} ran the model in training mode: call model.eval() first (with dropout "
+             "on, the search would be random).")
+    if model.grad_enabled_calls:
+        fail(f"{label} ran the model with gradients on: wrap the search in torch.no_grad() "
+             "(decoding needs no backward pass, and the graph would keep every step's "
+             "activations).")
+    if not tokens or tokens[0] != _BOS:
+        fail(f"{label} returned {tokens}: the sequence starts with BOS ({_BOS}).")
+    if len(tokens) > max_len:
+        fail(f"{label} returned {len(tokens)} tokens, more than max_len={max_len}: max_len "
+             "counts every token, BOS included.")
+    if _EOS in tokens[:-1]:
+        fail(f"{label} returned {tokens}, which goes on after EOS ({_EOS}): a hypothesis that "
+             "ends with EOS is finished; set it aside instead of extending it.")
+    return tokens, float(score)
+
+
+def _score_mistake(score: float, model, src, tokens: list[int], label: str) -> None:
+    """Fail when ``score`` is not the log-probability of ``tokens``, naming the likely slip."""
+    log_p = _log_probs(model, src, tokens)
+    true_score = sum(log_p)
+    if math.isclose(score, true_score, rel_tol=1e-5, abs_tol=1e-5):
+        return
+    with torch.no_grad():
+        logits = model.decode(torch.tensor([tokens[:-1]]), model.encode(src), src)[0].double()
+    picked = [logits[t, token].item() for t, token in enumerate(tokens[1:])]
+    candidates = [
+        (sum(log_p[:-1]) if tokens[-1] == _EOS else None, "the score you return leaves out "
+         "log p(EOS): the EOS token is part of the sequence and its log-probability counts."),
+        (math.exp(true_score), "you return the probability of the sequence; return its "
+         "log-probability (the sum of the tokens' log-probabilities)."),
+        (true_score / (len(tokens) - 1), "you return the mean log-probability per token; "
+         "return the total, the sum of the tokens' log-probabilities."),
+        (log_p[-1], "your score is the log-probability of the last token only: a "
+         "hypothesis's score is the SUM of the log-probabilities of all its tokens."),
+        (sum(picked), "your score adds raw logits: turn them into log-probabilities first "
+         "(log_softmax over the vocabulary); logits of different prefixes are not comparable."),
+        (sum(math.exp(v) for v in log_p), "your score adds probabilities: the probability of a "
+         "sequence is the product of its tokens' probabilities, so add their logarithms."),
+    ]
+    for value, message in candidates:
+        if value is not None and math.isclose(score, value, rel_tol=1e-5, abs_tol=1e-6):
+            fail(f"{label}: {message}")
+    fail(f"{label}: the score you return, {score:.5f}, is not the log-probability of the "
+         f"tokens you return, {tokens} ({true_score:.5f}): the score is the sum of "
+         "log p(token | earlier tokens, src) over the tokens after BOS.")
+
+
+def _beam_cases():
+    """(label, model, src, max_len, beam_size): two traps, then random little models."""
+    cases = []
+    for name, table, sizes in [("trap 1", _TRAP, (1, 2, 3)), ("trap 2", _TRAP_2, (2,))]:
+        for beam_size in sizes:
+            model = _LookupModel(5, _table_next_logits(5, table))
+            cases.append((f"beam_search(model, src, bos_id=1, eos_id=2, max_len=6, "
+                          f"beam_size={beam_size}) on a hand-built model ({name})", model,
+                          torch.tensor([[5, 6, 7]]), 6, beam_size))
+    random = [
+        # vocab, seed, scale, eos_bias, max_len, beam_size
+        (6, 1, 2.0, 0.8, 6, 1),
+        (6, 2, 2.0, 0.8, 6, 2),
+        (7, 3, 1.5, 0.5, 7, 3),
+        (8, 4, 2.5, 1.0, 6, 4),
+        (6, 5, 1.0, -10.0, 5, 3),  # EOS never wins: hypotheses stop at max_len
+        (9, 6, 2.0, 0.6, 8, 5),
+        (7, 7, 1.0, 0.3, 8, 3),
+    ]
+    for number, (vocab, seed, scale, eos_bias, max_len, beam_size) in enumerate(random):
+        generator = torch.Generator().manual_seed(seed)
+        src = torch.randint(3, 20, (1, 4 + number), generator=generator)
+        model = _LookupModel(vocab, _random_next_logits(vocab, seed, scale, eos_bias))
+        cases.append((f"beam_search(model, src, bos_id=1, eos_id=2, max_len={max_len}, "
+                      f"beam_size={beam_size}) on a random model with {vocab} tokens", model,
+                      src, max_len, beam_size))
+    return cases
+
+
+@exercise("7.4", "Beam search")
+def check_beam_search(beam_search):
+    """Compare ``beam_search(model, src, bos_id, eos_id, max_len, beam_size)`` with a reference.
+
+    The reference keeps the beam_size best extensions at every step and sets aside those
+    that end with EOS; keeping the beam full with the next-best unfinished extensions
+    (fairseq's and Hugging Face's way) is accepted too. A wrong answer is compared with
+    what each usual mistake returns on every case; the mistake is named as soon as only
+    one of them explains every wrong answer seen so far.
+    """
+    expect_callable(beam_search, "your beam search function", "check_beam_search(beam_search)")
+    suspects = [name for name, _ in _BEAM_MISTAKES]
+    first_failure = None
+    for label, model, src, max_len, beam_size in _beam_cases():
+        tokens, score = _call_beam(beam_search, model, src, max_len, beam_size, label)
+        reference = _LookupModel(model.vocab_size, model.next_logits)
+        expected = [_search(reference, src, max_len, beam_size, refill=refill)
+                    for refill in (False, True)]
+        if tokens in expected:
+            _score_mistake(score, reference, src, tokens, label)
+            continue
+        suspects = [name for name in suspects
+                    if tokens == _search(reference, src, max_len, beam_size, mistake=name)]
+        if len(suspects) == 1:
+            fail(f"{label}: {dict(_BEAM_MISTAKES)[suspects[0]]}")
+        if beam_size == 1:
+            message = (f"{label} returned {tokens}, but greedy decoding gives {expected[0]}: "
+                       "with beam_size=1, beam search keeps the single best extension at "
+                       "every step, which is greedy decoding.")
+        else:
+            best = expected[0]
+            message = (f"{label} returned {tokens} (log-probability "
+                       f"{sum(_log_probs(reference, src, tokens)):.4f}); beam search returns "
+                       f"{best} (log-probability {sum(_log_probs(reference, src, best)):.4f}).")
+        if not suspects:
+            _score_mistake(score, reference, src, tokens, label)
+            fail(message)
+        first_failure = first_failure or message
+    if first_failure is not None:
+        if suspects:  # several mistakes explain every wrong answer: name the likeliest
+            fail(f"{first_failure[:-1]}: {dict(_BEAM_MISTAKES)[suspects[0]]}")
+        fail(first_failure)
