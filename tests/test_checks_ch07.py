@@ -428,7 +428,7 @@ def test_decoder_batch_accepts_the_right_recipe(capsys):
 # ----------------------------------------------------------------------------- 7.4
 
 
-def _beam(mistake=None, refill=False, early_stop=False):
+def _beam(mistake=None, refill=False, early_stop=False, stop_at_k=False):
     """A beam search with one mistake switched on (or an accepted variant)."""
 
     def beam_search(model, src, bos_id, eos_id, max_len, beam_size):
@@ -440,6 +440,8 @@ def _beam(mistake=None, refill=False, early_stop=False):
             live, finished, step = [([bos_id], 0.0)], [], 0
             limit = max_len + 1 if mistake == "max_len + 1" else max_len
             while live and len(live[0][0]) < limit:
+                if stop_at_k and len(finished) >= beam_size:
+                    break
                 step += 1
                 if early_stop and finished and max(s for _, s in finished) >= live[0][1]:
                     break  # no live hypothesis can catch up: scores only go down
@@ -494,7 +496,9 @@ def _beam(mistake=None, refill=False, early_stop=False):
 
 
 @pytest.mark.parametrize(
-    "variant", [_beam(), _beam(refill=True), _beam(early_stop=True)], ids=["plain", "refill", "early stop"]
+    "variant",
+    [_beam(), _beam(refill=True), _beam(early_stop=True), _beam(refill=True, stop_at_k=True)],
+    ids=["plain", "refill", "early stop", "fairseq"],
 )
 def test_beam_search_accepts_the_usual_variants(variant, capsys):
     check_beam_search(variant)

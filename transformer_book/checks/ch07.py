@@ -635,11 +635,16 @@ def _log_probs(model, src, tokens: list[int]) -> list[float]:
     return [log_p[t, token].item() for t, token in enumerate(tokens[1:])]
 
 
-def _search(model, src, max_len: int, beam_size: int, refill=False, mistake=None):
-    """Beam search over the check's models; ``mistake`` switches on one usual error."""
+def _search(model, src, max_len: int, beam_size: int, refill=False, stop_at_k=False,
+            mistake=None):
+    """Beam search over the check's models; ``mistake`` switches on one usual error.
+
+    ``refill`` keeps the beam full with the best unfinished extensions; ``stop_at_k`` stops
+    as soon as beam_size hypotheses are finished (fairseq's rule).
+    """
     memory = model.encode(src)
     live, finished, step = [([_BOS], 0.0)], [], 0
-    while live and len(live[0][0]) < max_len:
+    while live and len(live[0][0]) < max_len and not (stop_at_k and len(finished) >= beam_size):
         step += 1
         tgt = torch.tensor([seq for seq, _ in live])  # (k, t)
         logits = model.decode(tgt, memory.expand(len(live), -1, -1), src)  # (k, t, V)
@@ -794,7 +799,8 @@ def check_beam_search(beam_search):
 
     The reference keeps the beam_size best extensions at every step and sets aside those
     that end with EOS; keeping the beam full with the next-best unfinished extensions
-    (fairseq's and Hugging Face's way) is accepted too. A wrong answer is compared with
+    (fairseq's and Hugging Face's way), and then stopping once beam_size hypotheses are
+    finished (fairseq's rule), are accepted too. A wrong answer is compared with
     what each usual mistake returns on every case; the mistake is named as soon as only
     one of them explains every wrong answer seen so far.
     """
@@ -804,8 +810,8 @@ def check_beam_search(beam_search):
     for label, model, src, max_len, beam_size in _beam_cases():
         tokens, score = _call_beam(beam_search, model, src, max_len, beam_size, label)
         reference = _LookupModel(model.vocab_size, model.next_logits)
-        expected = [_search(reference, src, max_len, beam_size, refill=refill)
-                    for refill in (False, True)]
+        expected = [_search(reference, src, max_len, beam_size, refill=refill, stop_at_k=stop)
+                    for refill, stop in [(False, False), (True, False), (True, True)]]
         if tokens in expected:
             _score_mistake(score, reference, src, tokens, label)
             continue
