@@ -14,6 +14,7 @@ from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch07 import (
     check_beam_search,
     check_decoder_batch,
+    check_encoder_classifier,
     check_label_smoothed_cross_entropy,
     check_sinusoidal_encoding,
 )
@@ -528,3 +529,94 @@ BEAM_MISTAKES = {
 def test_beam_search_names_the_mistake(mistake, message):
     with pytest.raises(CheckFailure, match=message):
         check_beam_search(_beam(mistake))
+
+
+# ----------------------------------------------------------------------------- 7.5
+
+
+def _classifier(variant=None, scale=True, repeat=False, torch_layers=False, no_positions_attr=False):
+    """An EncoderClassifier with one mistake switched on."""
+    from transformer_book.model import EncoderLayer, PositionalEncoding
+
+    class EncoderClassifier(torch.nn.Module):
+        def __init__(self, vocab_size, num_classes, d_model, num_heads, num_layers, d_ff,
+                     dropout=0.0, max_len=512, pad_id=0):
+            super().__init__()
+            self.d_model, self.pad_id = d_model, pad_id
+            self.embedding = torch.nn.Embedding(vocab_size, d_model)
+            if not no_positions_attr:
+                self.positions = PositionalEncoding(d_model, max_len)
+            if torch_layers:
+                layers = [torch.nn.TransformerEncoderLayer(d_model, num_heads, d_ff, 0.0,
+                                                           batch_first=True)
+                          for _ in range(num_layers)]
+            elif repeat:
+                layers = [EncoderLayer(d_model, num_heads, d_ff)] * num_layers
+            else:
+                layers = [EncoderLayer(d_model, num_heads, d_ff) for _ in range(num_layers)]
+            self.layers = torch.nn.ModuleList(layers)
+            self.classifier = torch.nn.Linear(d_model, num_classes)
+
+        def forward(self, tokens):
+            real = tokens != self.pad_id
+            x = self.embedding(tokens) * (math.sqrt(self.d_model) if scale else 1.0)
+            if variant == "scale after positions":
+                x = self.positions(self.embedding(tokens)) * math.sqrt(self.d_model)
+            elif variant != "no positions":
+                x = self.positions(x)
+            mask = {
+                "no mask": None,
+                "inverted mask": ~real[:, None, None, :],
+                "mask on queries": real[:, None, :, None],
+            }.get(variant, real[:, None, None, :])
+            for layer in self.layers:
+                x = layer(x, mask)
+            weights = real[..., None].float()
+            if variant == "mean over all":
+                pooled = x.mean(1)
+            elif variant == "sum":
+                pooled = (x * weights).sum(1)
+            elif variant == "first":
+                pooled = x[:, 0]
+            elif variant == "last":
+                pooled = x[:, -1]
+            elif variant == "max":
+                pooled = x.masked_fill(~real[..., None], float("-inf")).amax(1)
+            elif variant == "mean with max_len":
+                pooled = (x * weights).sum(1) / 512
+            else:
+                pooled = (x * weights).sum(1) / weights.sum(1)
+            return self.classifier(pooled)
+
+    return EncoderClassifier
+
+
+@pytest.mark.parametrize("scale", [True, False], ids=["scaled", "unscaled"])
+def test_encoder_classifier_accepts_both_embedding_scales(scale, capsys):
+    check_encoder_classifier(_classifier(scale=scale))
+    assert "passed" in capsys.readouterr().out
+
+
+CLASSIFIER_MISTAKES = {
+    "no mask": (_classifier("no mask"), "attend to padding"),
+    "inverted mask": (_classifier("inverted mask"), "padding mask is inverted"),
+    "mask on queries": (_classifier("mask on queries"), "on the query axis"),
+    "mean over all": (_classifier("mean over all"), "padding included"),
+    "sum": (_classifier("sum"), "without dividing"),
+    "first": (_classifier("first"), "first position only"),
+    "last": (_classifier("last"), "from the last position"),
+    "max": (_classifier("max"), "maximum over positions"),
+    "no positions": (_classifier("no positions"), "positional encoding is not applied"),
+    "scale after positions": (_classifier("scale after positions"), "multiplies the positional"),
+    "mean with max_len": (_classifier("mean with max_len"), "differ from classifier"),
+    "repeated layer": (_classifier(repeat=True), "the same EncoderLayer object"),
+    "torch layers": (_classifier(torch_layers=True), "holds TransformerEncoderLayer"),
+    "no positions attribute": (_classifier(no_positions_attr=True), "no submodule `positions`"),
+}
+
+
+@pytest.mark.parametrize("wrong, message", CLASSIFIER_MISTAKES.values(),
+                         ids=CLASSIFIER_MISTAKES.keys())
+def test_encoder_classifier_names_the_mistake(wrong, message):
+    with pytest.raises(CheckFailure, match=message):
+        check_encoder_classifier(wrong)

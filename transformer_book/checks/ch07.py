@@ -14,6 +14,7 @@ import zlib
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ._core import (
     CheckFailure,
@@ -21,6 +22,7 @@ from ._core import (
     diagnose,
     exercise,
     expect_callable,
+    expect_class,
     expect_close,
     expect_shape,
     expect_tensor,
@@ -836,3 +838,164 @@ def check_beam_search(beam_search):
         if suspects:  # several mistakes explain every wrong answer: name the likeliest
             fail(f"{first_failure[:-1]}: {dict(_BEAM_MISTAKES)[suspects[0]]}")
         fail(first_failure)
+
+
+# ----------------------------------------------------------------------------- exercise 7.5
+
+# vocab, classes, d_model, heads, layers, d_ff, pad_id, lengths of the batch's sequences
+_CLASSIFIER_CASES = [
+    (11, 3, 8, 2, 2, 16, 0, [5, 2, 4, 1]),  # one sequence of a single token
+    (9, 2, 12, 3, 1, 20, 4, [3, 6]),  # pad id 4; d_model not a power of two
+    (13, 4, 6, 1, 3, 10, 0, [7, 7, 3]),  # three layers, one head; rows without padding
+]
+
+
+def _classifier_tokens(vocab: int, pad_id: int, lengths, seed: int, extra: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.full((len(lengths), max(lengths) + extra), pad_id, dtype=torch.long)
+    real = [t for t in range(vocab) if t != pad_id]
+    for row, length in enumerate(lengths):
+        picks = torch.randint(0, len(real), (length,), generator=generator)
+        tokens[row, :length] = torch.tensor(real)[picks]
+    return tokens
+
+
+def _classifier_parts(model, vocab, classes, d_model, layers, label):
+    """The submodules the check reads, each checked for its kind and size."""
+    from ..model import EncoderLayer
+
+    names = ["embedding", "positions", "layers", "classifier"]
+    missing = [name for name in names if not isinstance(getattr(model, name, None), nn.Module)]
+    if missing:
+        fail(f"{label} has no submodule {', '.join(f'`{m}`' for m in missing)}: the check looks "
+             "for self.embedding (nn.Embedding), self.positions (PositionalEncoding), "
+             "self.layers (nn.ModuleList of EncoderLayer) and self.classifier (nn.Linear).")
+    embedding, positions, stack, classifier = (getattr(model, name) for name in names)
+    if not isinstance(embedding, nn.Embedding) or tuple(embedding.weight.shape) != (vocab, d_model):
+        fail(f"{label}: `embedding` should be nn.Embedding({vocab}, {d_model}) (vocab_size, "
+             f"d_model); it is {embedding}.")
+    if not isinstance(stack, nn.ModuleList) or len(stack) != layers:
+        fail(f"{label}: `layers` should be an nn.ModuleList of num_layers={layers} EncoderLayers; "
+             f"it is a {type(stack).__name__} of {len(list(stack.children()))}.")
+    if not all(isinstance(layer, EncoderLayer) for layer in stack):
+        kinds = sorted({type(layer).__name__ for layer in stack})
+        fail(f"{label}: `layers` holds {', '.join(kinds)}; use the chapter's EncoderLayer "
+             "(from transformer_book.model import EncoderLayer), whose masks say True = may "
+             "attend.")
+    if len({id(layer) for layer in stack}) < layers:
+        fail(f"{label}: `layers` holds the same EncoderLayer object several times "
+             "([layer] * num_layers repeats one layer, with one set of weights); build a "
+             "new EncoderLayer for each place in the list.")
+    if not isinstance(classifier, nn.Linear) or (classifier.in_features,
+                                                 classifier.out_features) != (d_model, classes):
+        fail(f"{label}: `classifier` should be nn.Linear({d_model}, {classes}) (d_model, "
+             f"num_classes); it is {classifier}.")
+    return embedding, positions, stack, classifier
+
+
+def _classifier_variant(parts, tokens, pad_id, d_model, variant=None):
+    """The classifier's logits computed from its own submodules, with one variation."""
+    embedding, positions, stack, classifier = parts
+    real = tokens != pad_id  # (B, L)
+    x = embedding(tokens)  # (B, L, d_model)
+    if variant == "scale after positions":
+        x = positions(x) * math.sqrt(d_model)
+    elif variant == "no positions":
+        x = x * math.sqrt(d_model)
+    else:
+        x = positions(x * (1.0 if variant == "unscaled" else math.sqrt(d_model)))
+    mask = {
+        "no mask": None,
+        "inverted mask": ~real[:, None, None, :],
+        "mask on queries": real[:, None, :, None],
+    }.get(variant, real[:, None, None, :])  # (B, 1, 1, L): True = may attend
+    for layer in stack:
+        x = layer(x, mask)  # (B, L, d_model)
+    weights = real[..., None].to(x.dtype)  # (B, L, 1)
+    if variant == "mean over all":
+        pooled = x.mean(dim=1)
+    elif variant == "sum":
+        pooled = (x * weights).sum(dim=1)
+    elif variant == "first":
+        pooled = x[:, 0]
+    elif variant == "last":
+        pooled = x[:, -1]
+    elif variant == "max":
+        pooled = x.masked_fill(~real[..., None], float("-inf")).amax(dim=1)
+    else:
+        pooled = (x * weights).sum(dim=1) / weights.sum(dim=1)  # (B, d_model)
+    return classifier(pooled)  # (B, num_classes)
+
+
+_CLASSIFIER_MISTAKES = [
+    ("no mask", "the encoder layers attend to padding: pass the padding mask "
+     "(tokens != pad_id)[:, None, None, :] to every layer, layer(x, mask)."),
+    ("inverted mask", "the padding mask is inverted: it is True at padding. In the book True "
+     "means 'may attend', so real tokens are True (tokens != pad_id)."),
+    ("mask on queries", "the padding mask is on the query axis, (B, 1, L, 1): padding hides "
+     "keys, the last axis, (B, 1, 1, L)."),
+    ("mean over all", "the mean runs over every position, padding included: sum the real "
+     "positions only and divide by their number, so that padding does not dilute it."),
+    ("sum", "you sum over the real positions without dividing by their number: take the "
+     "mean, so that long and short sequences are on the same scale."),
+    ("first", "you classify from the first position only: pool with the mean over all real "
+     "positions."),
+    ("last", "you classify from the last position, which is padding in every padded row: "
+     "pool with the mean over the real positions."),
+    ("max", "you pool with the maximum over positions: the exercise asks for the mean over "
+     "the real positions."),
+    ("no positions", "the positional encoding is not applied: without it the encoder cannot "
+     "tell one order of the tokens from another; add self.positions(...) after the "
+     "embedding."),
+    ("scale after positions", "the sqrt(d_model) scale multiplies the positional encoding "
+     "too: scale the embeddings, then add the positions."),
+]
+
+
+@exercise("7.5", "An encoder-only classifier")
+def check_encoder_classifier(EncoderClassifier):  # noqa: N803 - the argument is a class
+    """Compare the classifier's logits with its own modules' wiring, on padded batches."""
+    expect_class(EncoderClassifier, nn.Module, "your classifier class",
+                 "check_encoder_classifier(EncoderClassifier)")
+    for number, (vocab, classes, d_model, heads, layers, d_ff, pad_id, lengths) in enumerate(
+        _CLASSIFIER_CASES
+    ):
+        args = (f"EncoderClassifier({vocab}, {classes}, d_model={d_model}, num_heads={heads}, "
+                f"num_layers={layers}, d_ff={d_ff}, pad_id={pad_id})")
+        with torch.random.fork_rng():
+            torch.manual_seed(70 + number)  # the student's initialization, reproducibly
+            model = call(EncoderClassifier, vocab, classes, d_model=d_model, num_heads=heads,
+                         num_layers=layers, d_ff=d_ff, pad_id=pad_id, what=args)
+        model.eval()
+        parts = _classifier_parts(model, vocab, classes, d_model, layers, args)
+        tokens = _classifier_tokens(vocab, pad_id, lengths, seed=number)
+        label = f"{args} on a batch of lengths {lengths}"
+        with torch.no_grad():
+            logits = call(model, tokens.clone(), what=f"{args}(tokens)")
+            logits = expect_shape(logits, (len(lengths), classes), f"the logits of {label}")
+            right = [_classifier_variant(parts, tokens, pad_id, d_model, variant)
+                     for variant in (None, "unscaled")]
+            if any(same(logits, r, atol=1e-5, rtol=1e-4) for r in right):
+                continue
+            if torch.isnan(logits).any():
+                fail(f"the logits of {label} contain NaN: does a fully masked row or an "
+                     "empty mean (division by zero real tokens) reach them?")
+            diagnose(
+                logits,
+                [
+                    (_classifier_variant(parts, tokens, pad_id, d_model, variant),
+                     f"{label}: {message}")
+                    for variant, message in _CLASSIFIER_MISTAKES
+                ],
+                atol=1e-5,
+                rtol=1e-4,
+            )
+            longer = _classifier_tokens(vocab, pad_id, lengths, seed=number, extra=3)
+            padded = call(model, longer, what=f"{args}(tokens)")
+            if not same(padded, logits, atol=1e-5, rtol=1e-4):
+                fail(f"{label}: adding three more padding positions to the batch changes the "
+                     "logits: padding must not count, neither in attention (pass the padding "
+                     "mask to every layer) nor in the pooling (mean over real tokens only).")
+            expect_close(logits, right[0], f"the logits of {label} differ from "
+                         "classifier(masked mean of layers(positions(embedding(tokens) * "
+                         "sqrt(d_model)), padding mask))")
