@@ -24,6 +24,8 @@ CHECKS = {
     "sinusoidal_encoding": check_sinusoidal_encoding,
     "label_smoothed_cross_entropy": check_label_smoothed_cross_entropy,
     "make_decoder_batch": check_decoder_batch,
+    "beam_search": check_beam_search,
+    "EncoderClassifier": check_encoder_classifier,
 }
 
 
