@@ -151,8 +151,8 @@ def check_sinusoidal_encoding(sinusoidal_encoding):
              "dtype (build the frequencies with dtype=positions.dtype).")
     if not same(table, expected, atol=1e-10, rtol=1e-10):
         if same(table, expected, atol=1e-3, rtol=1e-3):
-            fail(f"{label} is right only to about 1e-5, not to float64 precision: part of the "
-                 "computation runs in float32 (torch.arange(...) and torch.tensor(...) default "
+            fail(f"{label} agrees with the reference only to float32 precision, not to "
+                 "float64's: part of the computation runs in float32 (torch.arange(...) and torch.tensor(...) default "
                  "to float32; pass dtype=positions.dtype). At position 3000 an angle needs "
                  "float64 to keep its sine to 1e-10.")
         diagnose(table, _encoding_candidates(positions, 12, 10000.0), atol=1e-6, rtol=1e-6)
