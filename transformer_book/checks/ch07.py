@@ -649,7 +649,8 @@ def _search(model, src, max_len: int, beam_size: int, refill=False, stop_at_k=Fa
     while live and len(live[0][0]) < max_len and not (stop_at_k and len(finished) >= beam_size):
         step += 1
         tgt = torch.tensor([seq for seq, _ in live])  # (k, t)
-        logits = model.decode(tgt, memory.expand(len(live), -1, -1), src)  # (k, t, V)
+        k = len(live)
+        logits = model.decode(tgt, memory.expand(k, -1, -1), src.expand(k, -1))  # (k, t, V)
         logits = (logits[:, 0] if mistake == "first position" else logits[:, -1]).double()
         scores = {
             "logits": logits,
@@ -657,7 +658,7 @@ def _search(model, src, max_len: int, beam_size: int, refill=False, stop_at_k=Fa
         }.get(mistake, logits.log_softmax(dim=-1))  # (k, V)
         candidates = []
         for b, (seq, score) in enumerate(live):
-            tokens = range(model.vocab_size)
+            tokens = range(scores.size(-1))
             if mistake == "greedy beams" and step > 1:
                 tokens = [int(scores[b].argmax())]
             base = 0.0 if mistake == "not accumulated" else score
@@ -717,10 +718,10 @@ def _call_beam(beam_search, model, src, max_len, beam_size, label):
     if not isinstance(score, (int, float)):
         fail(f"{label} returns a score of type {type(score).__name__}: return a float.")
     tokens = tokens.tolist()
-    if model.training_calls:
+    if getattr(model, "training_calls", 0):
         fail(f"{label} ran the model in training mode: call model.eval() first (with dropout "
              "on, the search would be random).")
-    if model.grad_enabled_calls:
+    if getattr(model, "grad_enabled_calls", 0):
         fail(f"{label} ran the model with gradients on: wrap the search in torch.no_grad() "
              "(decoding needs no backward pass, and the graph would keep every step's "
              "activations).")
@@ -838,6 +839,42 @@ def check_beam_search(beam_search):
         if suspects:  # several mistakes explain every wrong answer: name the likeliest
             fail(f"{first_failure[:-1]}: {dict(_BEAM_MISTAKES)[suspects[0]]}")
         fail(first_failure)
+    _check_beam_on_transformer(beam_search)
+
+
+def _check_beam_on_transformer(beam_search):
+    """The same search on the chapter's own (untrained, seeded) Transformer."""
+    from ..model import Transformer
+
+    src = torch.tensor([[3, 4, 5, 6, 7, 0]])  # one padding token at the end
+    for beam_size in (1, 3):
+        with torch.random.fork_rng():
+            torch.manual_seed(74)
+            model = Transformer(10, 10, d_model=16, num_heads=2, num_encoder_layers=1,
+                                num_decoder_layers=1, d_ff=32, dropout=0.1, max_len=32)
+        label = (f"beam_search(model, src, bos_id=1, eos_id=2, max_len=7, beam_size={beam_size})"
+                 " on the chapter's Transformer (untrained, 10 tokens)")
+        try:
+            tokens, score = _call_beam(beam_search, model, src, 7, beam_size, label)
+        except CheckFailure as failure:
+            if isinstance(failure.__cause__, RuntimeError) and "size" in str(failure.__cause__):
+                fail(f"{failure} With k hypotheses in a batch, memory and src need the batch "
+                     "size k too: memory.expand(k, -1, -1), src.expand(k, -1).")
+            raise
+        left_training = model.training
+        model.eval()
+        with torch.no_grad():
+            expected = [_search(model, src, 7, beam_size, refill=refill, stop_at_k=stop)
+                        for refill, stop in [(False, False), (True, False), (True, True)]]
+            if tokens in expected:
+                _score_mistake(score, model, src, tokens, label)
+                continue
+            if left_training:
+                fail(f"{label}: the model is in training mode after your search: call "
+                     "model.eval() before it (dropout is 0.1 here).")
+            fail(f"{label} returned {tokens}; beam search returns {expected[0]} (log-"
+                 f"probabilities {sum(_log_probs(model, src, tokens)):.4f} and "
+                 f"{sum(_log_probs(model, src, expected[0])):.4f}).")
 
 
 # ----------------------------------------------------------------------------- exercise 7.5
