@@ -5,8 +5,9 @@
 
 What it derives, and from what:
 
-1. The Colab setup region of every notebook's first code cell, from the repository
-   URL in ``_config.yml`` (the one place that URL is written).
+1. Every notebook's first code cell, the Colab setup (tagged ``remove-cell``, so the site
+   does not show it), from the repository URL in ``_config.yml`` (the one place that
+   URL is written).
 2. The package modules ``transformer_book/<module>.py``, from the cells of
    ``book/NN_*.ipynb`` whose first line is ``#| export <module>``.
 3. The student notebooks ``exercises/NN_*.ipynb``, from ``solutions/NN_*.ipynb``:
@@ -38,6 +39,8 @@ BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 STUB_CODE = ["# YOUR CODE HERE", "raise NotImplementedError()"]
 STUB_MARKDOWN = "YOUR ANSWER HERE"
 SOLUTION_TAG = "hide-input"
+SETUP_TAG = "remove-cell"  # the site hides the Colab setup cell; Colab and Jupyter run it
+SETUP_CELL_ID = "colab-setup"
 
 
 def repository_url(root: Path = ROOT) -> str:
@@ -46,17 +49,19 @@ def repository_url(root: Path = ROOT) -> str:
 
 
 def setup_region(url: str) -> str:
-    """The lines every notebook's first code cell starts with."""
+    """The whole source of every notebook's first code cell (Colab only; hidden on the site)."""
     return "\n".join(
         [
             SETUP_START,
             "import sys",
             "",
-            'if "google.colab" in sys.modules:  # only on Colab; locally the package is installed',
+            'if "google.colab" in sys.modules:  # on Colab only; locally it is installed',
             "    import subprocess",
             "",
+            f'    url = "{url}"',
             "    subprocess.run(",
-            f'        [sys.executable, "-m", "pip", "install", "-q", "transformer_book @ git+{url}"],',
+            '        [sys.executable, "-m", "pip", "install", "-q",',
+            '         f"transformer_book @ git+{url}"],',
             "        check=True,",
             "    )",
             SETUP_END,
@@ -79,21 +84,34 @@ def strip_outputs(nb) -> None:
 
 
 def with_setup(nb, url: str, path: Path):
-    """Return a copy of ``nb`` whose first code cell starts with the current setup region."""
+    """Return a copy of ``nb`` whose first code cell is the current Colab setup cell.
+
+    The setup cell holds only the Colab install and carries the ``remove-cell`` tag, so
+    the site does not show it; the chapter's own imports live in the next code cell.
+    An older notebook whose first code cell mixes the two is split.
+    """
     nb = copy.deepcopy(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     if not code:
         raise SystemExit(f"{path}: has no code cell; the first code cell must be the setup cell")
     first = code[0]
-    region = setup_region(url)
     source = first.source
     if SETUP_START in source and SETUP_END in source:
         start = source.index(SETUP_START)
         end = source.index(SETUP_END) + len(SETUP_END)
-        source = source[:start] + region + source[end:]
+        rest = (source[:start] + source[end:]).strip("\n")
+        setup = first
     else:
-        source = region + ("\n" + source if source.strip() else "")
-    first.source = source
+        rest = ""
+        setup = nbformat.v4.new_code_cell(id=SETUP_CELL_ID)
+        nb.cells.insert(nb.cells.index(first), setup)
+    setup.source = setup_region(url)
+    tags = setup.metadata.setdefault("tags", [])
+    if SETUP_TAG not in tags:
+        tags.append(SETUP_TAG)
+    if rest:  # split an old combined setup cell: the imports stay visible
+        imports = nbformat.v4.new_code_cell(rest, id=f"{setup.get('id', SETUP_CELL_ID)}-imports")
+        nb.cells.insert(nb.cells.index(setup) + 1, imports)
     return nb
 
 
