@@ -133,6 +133,7 @@ def make_fused(
     dropout=0.0,
     store_after_dropout=False,
     attend_with=None,
+    per_head_layout=False,
 ):
     """FusedMultiHeadAttention with the mistakes switched on by the arguments."""
 
@@ -152,6 +153,9 @@ def make_fused(
         def forward(self, x, mask=None):
             batch, length, d_model = x.shape
             parts = self.w_qkv(x).chunk(3, dim=-1)
+            if per_head_layout:  # (B, L, heads, 3, d_head): q, k, v interleaved per head
+                qkv = self.w_qkv(x).reshape(batch, length, self.num_heads, 3, self.d_head)
+                parts = [t.reshape(batch, length, d_model) for t in qkv.unbind(dim=3)]
             if attend_with is not None:  # a ready-made attention function
                 q, k, v = (split_heads(t, self.num_heads) for t in parts)
                 heads, self.attention_weights = attend_with(q, k, v, mask)
@@ -208,6 +212,7 @@ def test_the_configurable_fused_module_passes_when_correct():
         (dict(split_bug=True, merge_bug=True), "split and merged with plain reshapes"),
         (dict(order=(1, 0, 2)), "cut into \\(k, q, v\\)"),
         (dict(order=(2, 1, 0)), "cut into \\(v, k, q\\)"),
+        (dict(per_head_layout=True), "interleaved head by head"),
         (dict(mask_mode="inverted"), "mask inverted"),
         (dict(mask_mode="after"), "after the softmax"),
         (dict(mask_mode="ignored"), "without the mask"),

@@ -517,10 +517,17 @@ def _fused_case(cls, batch, length, d_model, num_heads, bias, mask_kind, generat
         y = x.double() @ weight.double().T
         return y if bias_ is None else y + bias_.double()
 
-    def variant(out_proj=True, split_bug=False, merge_bug=False, order=(0, 1, 2), **attend):
+    def variant(
+        out_proj=True, split_bug=False, merge_bug=False, order=(0, 1, 2), per_head=False,
+        **attend,
+    ):
         with torch.no_grad():
             qkv = project(x, theirs.in_proj_weight, theirs.in_proj_bias)  # (B, L, 3 * d_model)
-            parts = qkv.chunk(3, dim=-1)  # q, k, v, each (B, L, d_model)
+            if per_head:  # read as (B, L, heads, 3, d_head): q, k, v interleaved per head
+                parts = qkv.reshape(batch, length, num_heads, 3, -1).unbind(dim=3)
+                parts = [p.reshape(batch, length, d_model) for p in parts]
+            else:
+                parts = qkv.chunk(3, dim=-1)  # q, k, v, each (B, L, d_model)
             q, k, v = (_split(parts[i], num_heads, split_bug) for i in order)
             heads, weights = _attend(q, k, v, mask, d_model, **attend)
             merged = _merge(heads, merge_bug)  # (B, L, d_model)
@@ -567,7 +574,14 @@ def _fused_case(cls, batch, length, d_model, num_heads, bias, mask_kind, generat
 
 
 def _fused_layout_mistakes(output, variant):
-    """Mistakes in cutting w_qkv's output into q, k and v: the wrong order."""
+    """Mistakes in cutting w_qkv's output into q, k and v: the wrong layout or order."""
+    if _close(output, attempt(lambda: variant(per_head=True)[0])):
+        fail(
+            "Your output matches w_qkv's output read as (batch, L, num_heads, 3, d_head), "
+            "with q, k and v interleaved head by head. The packed layout (that of "
+            "nn.MultiheadAttention's in_proj_weight) is all of q, then all of k, then all "
+            "of v: reshape to (batch, L, 3, num_heads, d_head)."
+        )
     names = "qkv"
     for order in itertools.permutations(range(3)):
         if order == (0, 1, 2):
