@@ -342,17 +342,17 @@ async def _grade(plan: Plan, timeout: float, env: dict[str, str], workdir: Path)
             break
         error = _error_of(cell)
         cell.outputs = []  # keep memory flat on chatty notebooks
+        records = []  # what checks logged during this cell (only check cells' count)
+        if log.exists():
+            lines = log.read_text(encoding="utf-8").splitlines()
+            records = [json.loads(line) for line in lines[logged:] if line.strip()]
+            logged = len(lines)
         if step.check_cell is None:
             if error and pending is None:
                 pending = (index, error)
             if error and first_error is None:
                 first_error = (index, error)
             continue
-        records = []
-        if log.exists():
-            lines = log.read_text(encoding="utf-8").splitlines()
-            records = [json.loads(line) for line in lines[logged:] if line.strip()]
-            logged = len(lines)
         for exercise in step.check_cell.exercises:
             record = next((r for r in records if r.get("check") == exercise.check), None)
             if record is not None:
@@ -378,7 +378,7 @@ async def _grade(plan: Plan, timeout: float, env: dict[str, str], workdir: Path)
                     message += ": is the cell that defines it missing, or was it renamed?"
             else:
                 passed, message = False, "the check did not report a result."
-            if not message.endswith((".", "?")):
+            if not passed and not message.endswith((".", "?")):
                 message += "."
             results[exercise.check] = Result(exercise, passed, message)
         pending = None
