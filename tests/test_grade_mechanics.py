@@ -111,7 +111,7 @@ def test_a_hung_cell_or_a_dead_kernel_stops_only_its_notebook(tmp_path):
         "complete": cells(),
     }
     paths = {case: notebook(tmp_path / case / NAME, code) for case, code in cases.items()}
-    timeout = 3
+    timeout = 5
     start = time.monotonic()
     status, report = grade_batch(*paths.values(), timeout=timeout)
     elapsed = time.monotonic() - start
