@@ -437,7 +437,12 @@ def run(
 
         async def one(plan: Plan, workdir: Path) -> NotebookResult:
             async with gate:
-                result = await _grade(plan, timeout, env, workdir)
+                try:
+                    result = await _grade(plan, timeout, env, workdir)
+                except Exception as error:  # noqa: BLE001 - one notebook never stops a batch
+                    why = f"the grader failed on this notebook ({type(error).__name__}: {error})"
+                    results = [Result(e, False, f"not graded: {why}.") for e in plan.exercises]
+                    result = NotebookResult(plan.path, plan.chapter, results, 0.0, why)
             if bar is not None:
                 bar.update(1)
             return result
