@@ -112,6 +112,10 @@ def test_the_manifest_goes_stale_when_a_check_cell_changes(tmp_path):
     cell.source += "  # edited"
     nbformat.write(nb, path)
     assert generate.render_manifest(tmp_path) != before
+    cell.source = f"{generate.BEGIN}\nx = 1\n{generate.END}\n{cell.source}"
+    nbformat.write(nb, path)
+    with pytest.raises(SystemExit, match="holds a solution region"):
+        generate.render_manifest(tmp_path)  # the grader would run the solution as shipped
 
 
 # ----------------------------------------------------------------------------- submissions
@@ -166,6 +170,7 @@ def test_each_line_names_its_notebook_and_results_stay_apart(submissions):
     lines = result.stdout.strip().splitlines()
     assert all(line.startswith(tuple(paths.values())) for line in lines[:-1]), lines
     assert lines[-1] == f"{len(paths)} notebooks graded, 1 with every exercise passed."
+    assert "grading: 100%|" in result.stderr and f"{len(paths)}/{len(paths)}" in result.stderr
     marks = {}
     for m in exercise_lines(result.stdout):
         marks.setdefault(m["notebook"], []).append(m["mark"])

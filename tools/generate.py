@@ -267,6 +267,8 @@ def render_manifest(root: Path = ROOT) -> str:
             names = CHECK_CALL_RE.findall(cell.source) if cell.cell_type == "code" else []
             if not names:
                 continue
+            if BEGIN in cell.source:
+                raise SystemExit(f"{path}: a check cell ({names[0]}) holds a solution region")
             unknown = [n for n in names if n not in checks]
             if unknown:
                 raise SystemExit(f"{path}: {unknown[0]} is not an @exercise check of the package")
