@@ -23,7 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-from .grading import DEFAULT_TIMEOUT, BadInput, Course, NotebookResult, collect, cores, run
+from .grading import (  # noqa: F401 (CHECK_CALL: kept importable from here)
+    CHECK_CALL,
+    DEFAULT_TIMEOUT,
+    BadInput,
+    Course,
+    NotebookResult,
+    collect,
+    cores,
+    run,
+)
 
 
 class _Parser(argparse.ArgumentParser):
