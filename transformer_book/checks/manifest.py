@@ -21,24 +21,24 @@ NOTEBOOKS = {
             ]
         },
         {
-            "source": "check_self_attention(self_attention)",
+            "source": "check_attention_pool(attention_pool)",
             "exercises": [
                 {
-                    "check": "check_self_attention",
+                    "check": "check_attention_pool",
                     "module": "transformer_book.checks.ch01",
                     "number": "1.2",
-                    "title": "Self-attention from weight matrices"
+                    "title": "Attention pooling"
                 }
             ]
         },
         {
-            "source": "check_cross_attention(cross_attention)",
+            "source": "check_positions(permutation_gap, add_positions)",
             "exercises": [
                 {
-                    "check": "check_cross_attention",
+                    "check": "check_positions",
                     "module": "transformer_book.checks.ch01",
                     "number": "1.3",
-                    "title": "Cross-attention"
+                    "title": "Positions break permutation-equivariance"
                 }
             ]
         }
@@ -56,13 +56,13 @@ NOTEBOOKS = {
             ]
         },
         {
-            "source": "check_attention_with_temperature(attention_with_temperature)",
+            "source": "check_local_attention(local_window_mask, local_attention)",
             "exercises": [
                 {
-                    "check": "check_attention_with_temperature",
+                    "check": "check_local_attention",
                     "module": "transformer_book.checks.ch02",
                     "number": "2.2",
-                    "title": "Attention with a temperature"
+                    "title": "A local-window mask"
                 }
             ]
         },
