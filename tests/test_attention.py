@@ -157,5 +157,5 @@ def test_masked_keys_do_not_influence_the_output():
 )
 def test_non_bool_mask_raises_type_error(mask):
     inputs = _inputs((), 1, 3, seed=15)
-    with pytest.raises(TypeError, match="boolean tensor, True where attention is allowed"):
+    with pytest.raises(TypeError, match="boolean tensor, True where a query may attend"):
         scaled_dot_product_attention(*inputs, mask=mask)

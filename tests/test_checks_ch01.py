@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch01 import (
     check_additive_attention,
-    check_cross_attention,
-    check_self_attention,
+    check_attention_pool,
+    check_positions,
 )
 
 # ------------------------------------------------------------------ 1.1 additive attention
@@ -102,166 +101,157 @@ def test_additive_reference_is_the_loop_formula():
     assert torch.allclose(out, vectorised @ value, atol=1e-12)
 
 
-# --------------------------------------------------------------------- 1.2 self-attention
+# --------------------------------------------------------------------- 1.2 attention pooling
 
 
-def plain(
-    q, k, v, *, scale=1.0, dim=-1, swap_qk=False, transpose_weights=False, transpose_output=False
-):
-    """Unscaled attention, with one knob per misconception."""
-    scores = (k @ q.transpose(-2, -1)) if swap_qk else (q @ k.transpose(-2, -1))
-    weights = torch.softmax(scores * scale, dim=dim)  # (..., Lq, Lk)
-    output = (weights.transpose(-2, -1) if transpose_output else weights) @ v
-    return output, (weights.transpose(-2, -1) if transpose_weights else weights)
-
-
-def self_attn(x, w_q, w_k, w_v, *, transpose=True, values="v", causal=False, raw=False, **opts):
-    p = (lambda m: m.T) if transpose else (lambda m: m)
-    q, k, v = x @ p(w_q), x @ p(w_k), x @ p(w_v)
-    if raw:
-        q, k = x, x
-    if causal:  # a mask that belongs to chapter 4, not to plain self-attention
-        length = x.shape[-2]
-        allowed = torch.ones(length, length, dtype=torch.bool).tril()
-        scores = (q @ k.transpose(-2, -1)).masked_fill(~allowed, float("-inf"))
-        weights = torch.softmax(scores, dim=-1)
-        return weights @ v, weights
-    output, weights = plain(q, k, v, **opts)
-    if values != "v":
-        output = weights @ {"x": x, "k": k}[values]
-    return output, weights
-
-
-@pytest.mark.parametrize(
-    ("wrong", "message"),
-    [
-        (
-            lambda x, a, b, c: self_attn(x, a, b, c, scale=1 / math.sqrt(a.shape[0])),
-            r"divided by sqrt\(d_k\).*chapter 2",
-        ),
-        (lambda x, a, b, c: self_attn(x, a, b, c, scale=1 / a.shape[0]), "divided by d_k"),
-        (knob(self_attn, dim=-2), r"softmax over the queries \(dim=-2\)"),
-        (knob(self_attn, swap_qk=True), r"softmax\(K Q\^T\)"),
-        (knob(self_attn, transpose_weights=True), "right weights transposed"),
-        (knob(self_attn, transpose=False), "without the transpose"),
-        (knob(self_attn, raw=True), "without the projections w_q and w_k"),
-        (knob(self_attn, values="x"), "averages x itself"),
-        (knob(self_attn, values="k"), "averages the keys"),
-        (knob(self_attn, transpose_output=True), "output uses them transposed"),
-        (knob(self_attn, causal=True), "depends on token positions"),
-        (lambda x, a, b, c: self_attn(x, a, b, c)[::-1], r"returned \(weights, output\)"),
-    ],
-)
-def test_self_attention_names_the_mistake(wrong, message):
-    with pytest.raises(CheckFailure, match=message):
-        check_self_attention(wrong)
-
-
-def test_self_attention_without_softmax():
-    def no_softmax(x, w_q, w_k, w_v):
-        scores = (x @ w_q.T) @ (x @ w_k.T).transpose(-2, -1)  # (..., L, L), not normalised
-        return scores @ (x @ w_v.T), scores
-
-    with pytest.raises(CheckFailure, match="do not sum to 1 over the keys"):
-        check_self_attention(no_softmax)
-
-
-def test_self_attention_position_term_breaks_equivariance():
-    def with_positions(x, w_q, w_k, w_v):
-        position = torch.arange(x.shape[-2], dtype=x.dtype)[:, None] / 10  # (L, 1)
-        return self_attn(x + position, w_q, w_k, w_v)
-
-    with pytest.raises(CheckFailure, match="permutation-equivariant"):
-        check_self_attention(with_positions)
-
-
-def test_self_attention_reference_is_pytorchs():
-    from transformer_book.checks.ch01 import _self_reference
-
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
-    w_q, w_k = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
-    w_v = torch.randn(3, 6, dtype=torch.float64)
-    out, weights = _self_reference(x, w_q, w_k, w_v)
-    layer = torch.nn.MultiheadAttention(6, 1, bias=False, batch_first=True, dtype=torch.float64)
-    # nn.MultiheadAttention scales by 1/sqrt(d_head): undo it by scaling the queries up.
-    d_head = 6
-    with torch.no_grad():
-        pad = torch.zeros(2, 6, dtype=torch.float64)
-        layer.in_proj_weight.copy_(
-            torch.cat(
-                [
-                    torch.cat([w_q, pad]) * math.sqrt(d_head),
-                    torch.cat([w_k, pad]),
-                    torch.cat([w_v, torch.zeros(3, 6, dtype=torch.float64)]),
-                ]
-            )
-        )
-        layer.out_proj.weight.copy_(torch.eye(6, dtype=torch.float64))
-        expected, expected_weights = layer(x, x, x)
-    assert torch.allclose(weights, expected_weights, atol=1e-10)
-    assert torch.allclose(out, expected[..., :3], atol=1e-10)
-
-
-# -------------------------------------------------------------------- 1.3 cross-attention
-
-
-def cross(
+def pool(
     x,
-    memory,
-    w_q,
+    query,
     w_k,
     w_v,
     *,
-    q_from="x",
-    k_from="memory",
-    v_from="memory",
     transpose=True,
-    **opts,
+    project_keys=True,
+    scale=1.0,
+    dim=-1,
+    values="v",
+    uniform=False,
+    keep_axis=False,
+    reduce="weighted",
+    position_bias=False,
 ):
+    """The solution with one knob per misconception."""
     p = (lambda m: m.T) if transpose else (lambda m: m)
-    source = {"x": x, "memory": memory}
-    q, k = source[q_from] @ p(w_q), source[k_from] @ p(w_k)
-    v = source[v_from] @ p(w_v)
-    return plain(q, k, v, **opts)
+    keys = x @ p(w_k) if project_keys else x
+    v = {"v": x @ p(w_v), "x": x, "k": keys}[values]
+    scores = keys @ query * scale  # (..., L)
+    if position_bias:  # a term that depends on where a token sits
+        scores = scores + torch.arange(x.shape[-2], dtype=x.dtype)
+    weights = torch.softmax(scores, dim=dim)
+    if uniform:
+        weights = torch.full_like(weights, 1 / x.shape[-2])
+    if reduce == "mean":
+        pooled = v.mean(dim=-2)
+    elif reduce == "max":
+        pooled = v.amax(dim=-2)
+    else:
+        pooled = (weights.unsqueeze(-1) * v).sum(dim=-2)
+    if keep_axis:
+        return pooled.unsqueeze(-2), weights.unsqueeze(-2)
+    return pooled, weights
+
+
+def test_the_configurable_pool_passes_when_correct(capsys):
+    check_attention_pool(pool)
+    assert "passed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     ("wrong", "message"),
     [
-        (knob(cross, k_from="x", v_from="x"), "does not change when memory changes"),
-        (knob(cross, q_from="memory"), "does not change when x changes"),
-        (knob(cross, k_from="x"), "queries and keys both computed from x"),
-        (knob(cross, v_from="x"), "values come from x"),
-        (knob(cross, q_from="memory", k_from="x", v_from="x"), "sequences swapped"),
-        (knob(cross, transpose=False), "without the transpose"),
-        (knob(cross, dim=-2), r"softmax over the queries \(dim=-2\)"),
-        (knob(cross, transpose_weights=True), "right weights transposed"),
-        (knob(cross, transpose_output=True), "output uses them transposed"),
-        (lambda *a: cross(*a, scale=1 / math.sqrt(a[2].shape[0])), r"divided by sqrt\(d_k\)"),
-        (
-            lambda x, m, a, b, c: F.scaled_dot_product_attention(
-                x @ a.T, m @ b.T, m @ c.T, scale=1.0
-            ),
-            "should return a pair",
-        ),
+        (knob(pool, uniform=True), "that is mean pooling"),
+        (knob(pool, reduce="mean"), "plain mean of the values"),
+        (knob(pool, reduce="max"), "max pooling"),
+        (knob(pool, dim=0), r"sum to 1 over the batch \(dim 0\)"),
+        (knob(pool, transpose=False), "without the transpose"),
+        (knob(pool, project_keys=False), "without projecting the keys"),
+        (lambda x, q, a, b: pool(x, q, a, b, scale=1 / math.sqrt(q.shape[0])), "chapter 2"),
+        (knob(pool, values="x"), "averages x itself"),
+        (knob(pool, values="k"), "averages the keys"),
+        (knob(pool, keep_axis=True), "keeps an axis of length 1"),
+        (knob(pool, position_bias=True), "position-dependent"),
+        (lambda *args: pool(*args)[::-1], r"returned \(weights, output\)"),
+        (lambda *args: pool(*args)[0], "should return a pair"),
     ],
 )
-def test_cross_attention_names_the_mistake(wrong, message):
+def test_pool_names_the_mistake(wrong, message):
     with pytest.raises(CheckFailure, match=message):
-        check_cross_attention(wrong)
+        check_attention_pool(wrong)
 
 
-def test_cross_attention_shape_messages_when_lengths_differ():
-    """Where Lq != Lk, the sequence mix-ups already show in the shapes."""
-    from transformer_book.checks.ch01 import _cross_case, _cross_cases
+def test_pool_without_softmax():
+    def no_softmax(x, query, w_k, w_v):
+        scores = (x @ w_k.T) @ query  # (..., L), not normalised
+        return (scores.unsqueeze(-1) * (x @ w_v.T)).sum(-2), scores
 
-    cases = list(_cross_cases(torch.Generator().manual_seed(14)))
-    unequal = cases[1]
-    assert unequal["x"].shape[-2] != unequal["memory"].shape[-2]
-    with pytest.raises(CheckFailure, match="one column per token of x"):
-        _cross_case(knob(cross, k_from="x", v_from="x"), unequal, torch.float32)
-    with pytest.raises(CheckFailure, match="queries were computed from memory"):
-        _cross_case(knob(cross, q_from="memory"), unequal, torch.float32)
-    with pytest.raises(CheckFailure, match="they are transposed"):
-        _cross_case(knob(cross, transpose_weights=True), unequal, torch.float32)
+    with pytest.raises(CheckFailure, match="do not sum to 1 over the tokens"):
+        check_attention_pool(no_softmax)
+
+
+def test_pool_in_place():
+    def in_place(x, query, w_k, w_v):
+        x -= x.mean(dim=-2, keepdim=True)
+        return pool(x, query, w_k, w_v)
+
+    with pytest.raises(CheckFailure, match="changed its input `x` in place"):
+        check_attention_pool(in_place)
+
+
+# --------------------------------------------------------------------- 1.3 positions
+
+
+def gap(layer, x, perm, *, compare="equivariant", reduce="max", absolute=True):
+    """permutation_gap with one knob per misconception."""
+    inverse = torch.argsort(perm)
+    moved = layer(x[..., inverse if compare == "inverse input" else perm, :])
+    if compare == "equivariant" or compare == "inverse input":
+        expected = layer(x)[..., perm, :]
+    elif compare == "invariant":
+        expected = layer(x)
+    elif compare == "inverse output":
+        expected = layer(x)[..., inverse, :]
+    diff = moved - expected
+    if absolute:
+        diff = diff.abs()
+    return (diff.mean() if reduce == "mean" else diff.max()).item()
+
+
+def positions(x, table, *, rows="first", op="add"):
+    """add_positions with one knob per misconception."""
+    length = x.shape[-2]
+    if rows == "all":
+        chosen = table
+    elif rows == "last":
+        chosen = table[-length:]
+    else:
+        chosen = table[:length]
+    if op == "cat":
+        return torch.cat([x, chosen.expand(*x.shape[:-1], -1)], dim=-1)
+    if op == "mul":
+        return x * chosen
+    if op == "detach":
+        return x + chosen.detach()
+    if op == "in place":
+        x += chosen
+        return x
+    if op == "alone":
+        return chosen.expand(x.shape).clone()
+    return x + chosen
+
+
+def test_the_configurable_positions_pass_when_correct(capsys):
+    check_positions(gap, positions)
+    assert "passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("permutation_gap", "add_positions", "message"),
+    [
+        (knob(gap, compare="invariant"), positions, "that tests invariance"),
+        (knob(gap, compare="inverse output"), positions, "inverse permutation on one side"),
+        (knob(gap, compare="inverse input"), positions, "inverse permutation on one side"),
+        (knob(gap, absolute=False), positions, "largest signed difference"),
+        (knob(gap, reduce="mean"), positions, "mean absolute difference"),
+        (lambda *a: torch.tensor([gap(*a)] * 2), positions, "return one number"),
+        (gap, knob(positions, rows="all"), r"add only its first L rows, table\[:L\]"),
+        (gap, knob(positions, rows="last"), "last L rows"),
+        (gap, knob(positions, op="cat"), "concatenates the positions"),
+        (gap, knob(positions, op="mul"), "multiplies x by the position vectors"),
+        (gap, knob(positions, op="alone"), "position vectors alone"),
+        (gap, knob(positions, op="detach"), "No gradient"),
+        (gap, knob(positions, op="in place"), "in place"),
+    ],
+)
+def test_positions_names_the_mistake(permutation_gap, add_positions, message):
+    with pytest.raises(CheckFailure, match=message):
+        check_positions(permutation_gap, add_positions)

@@ -7,7 +7,7 @@ import torch
 
 from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch02 import (
-    check_attention_with_temperature,
+    check_local_attention,
     check_softmax_jacobian,
     check_stable_softmax,
 )
@@ -24,14 +24,19 @@ def test_builtin_softmax_is_restored_after_the_check():
 # ----------------------------------------------------------------------------- 2.1
 
 
-def softmax_global_max(x, dim=-1):  # accepted: any constant along dim may be subtracted
+def softmax_global_max(x, dim=-1):  # one shift for the whole tensor: far rows underflow
     exps = (x - x.max()).exp()
     return exps / exps.sum(dim=dim, keepdim=True)
 
 
-def test_stable_softmax_accepts_a_global_max(capsys):
-    check_stable_softmax(softmax_global_max)
-    assert "passed" in capsys.readouterr().out
+def softmax_max_ignores_dim(x, dim=-1):  # the sum follows dim, the max always the last dim
+    exps = (x - x.amax(dim=-1, keepdim=True)).exp()
+    return exps / exps.sum(dim=dim, keepdim=True)
+
+
+def softmax_max_pair(x, dim=-1):  # x.max(dim=...) is (values, indices)
+    exps = (x - x.max(dim=dim, keepdim=True)).exp()
+    return exps / exps.sum(dim=dim, keepdim=True)
 
 
 def softmax_naive(x, dim=-1):
@@ -97,6 +102,9 @@ def softmax_detached(x, dim=-1):
         (softmax_in_place, "changed its input `x` in place"),
         (softmax_float32, "returns torch.float32 for a float64 input"),
         (softmax_detached, "carries no gradient"),
+        (softmax_global_max, r"one maximum for the whole tensor \(x.max\(\)\)"),
+        (softmax_max_ignores_dim, "subtracts the max along dim 2 but sums along dim 0"),
+        (softmax_max_pair, r"returns a pair \(values, indices\)"),
     ],
 )
 def test_stable_softmax_names_the_mistake(wrong, message):
@@ -115,112 +123,122 @@ def test_stable_softmax_names_underflow():
 
 # ----------------------------------------------------------------------------- 2.2
 
-# Masked softmax recipes, right and wrong, that the wrong attentions below are built from.
+
+def band(length, window, *, kind="band"):
+    """local_window_mask with one knob per misconception."""
+    i = torch.arange(length)
+    offset = i[:, None] - i[None, :]  # i - j
+    masks = {
+        "band": offset.abs() <= window,
+        "inverted": offset.abs() > window,
+        "past": (offset >= 0) & (offset <= window),
+        "future": (offset <= 0) & (offset >= -window),
+        "strict": offset.abs() < window,
+        "wide": offset.abs() <= window + 1,
+        "float": (offset.abs() <= window).float(),
+        "eye": torch.eye(length, dtype=torch.bool),
+        "full": torch.ones(length, length, dtype=torch.bool),
+    }
+    return masks[kind]
 
 
-def masked_neg_inf(scores, mask):  # the textbook recipe: NaN on an empty row
-    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+def local(query, key, value, window, *, mask="band", scale="root", dim=-1, fill="before",
+          neg_inf=True, values="v", detach=False):
+    """local_attention with one knob per misconception."""
+    d_k, length = query.size(-1), query.size(-2)
+    scores = query @ key.transpose(-2, -1)
+    scores = {"root": scores / d_k**0.5, "none": scores, "d_k": scores / d_k,
+              "times": scores * d_k**0.5}[scale]
+    allowed = band(length, window, kind=mask)
+    if fill == "before":
+        scores = scores.masked_fill(~allowed, float("-inf") if neg_inf else -1e9)
+    weights = torch.softmax(scores, dim=dim)
+    if fill == "after":
+        weights = weights * allowed
+    output = weights @ {"v": value, "k": key}[values]
+    return (output.detach(), weights) if detach else (output, weights)
 
 
-def masked_finite_fill_only(scores, mask):  # uniform weights on an empty row
-    return torch.softmax(scores.masked_fill(~mask, -1e9), dim=-1)
-
-
-def masked_after_softmax(scores, mask):
-    return torch.softmax(scores, dim=-1) * mask
-
-
-def masked_inverted(scores, mask):
-    filled = scores.masked_fill(mask, -1e9)
-    return torch.softmax(filled, dim=-1).masked_fill(mask, 0.0)
-
-
-def masked_additive_nan_to_num(scores, mask):  # fine forward, NaN backward
-    additive = torch.zeros(mask.shape, dtype=scores.dtype).masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores + additive, dim=-1).nan_to_num(0.0)
-
-
-def masked_where_overflow(scores, mask):  # inf in the unselected branch of where: NaN grads
-    top = scores.masked_fill(~mask, float("-inf")).amax(dim=-1, keepdim=True)
-    exps = torch.where(mask, (scores - top).exp(), 0.0)
-    total = exps.sum(dim=-1, keepdim=True)
-    return exps / torch.where(total > 0, total, 1.0)
-
-
-def masked_ignores_mask(scores, mask):
-    return torch.softmax(scores, dim=-1)
-
-
-def _attention(scores_fn, softmax_fn=None):
-    """An attention_with_temperature whose scores (and weights) follow the given recipe."""
-
-    def attention(query, key, value, mask=None, temperature=1.0):
-        scores = scores_fn(query @ key.transpose(-2, -1), query.size(-1), temperature)
-        if mask is None:
-            mask = torch.ones(scores.shape[-2:], dtype=torch.bool)
-        weights = (softmax_fn or _masked_softmax)(scores, mask)
-        return weights @ value, weights
-
-    return attention
-
-
-def _masked_softmax(scores, mask):
-    filled = torch.where(mask, scores, torch.finfo(scores.dtype).min)
-    return torch.where(mask, torch.softmax(filled, dim=-1), 0.0)
-
-
-def _right(raw, d_k, tau):
-    return raw / (tau * d_k**0.5)
+def test_the_configurable_local_attention_passes_when_correct(capsys):
+    check_local_attention(band, local)
+    assert "passed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
-    "wrong, message",
+    "kind, message",
     [
-        (_attention(lambda raw, d_k, tau: raw / tau), "without the 1/sqrt\\(d_k\\) scale"),
-        (_attention(lambda raw, d_k, tau: raw / (tau * d_k)), "not 1/d_k"),
-        (_attention(lambda raw, d_k, tau: raw * d_k**0.5 / tau), "multiplied by sqrt\\(d_k\\)"),
-        (_attention(_right, lambda s, m: _masked_softmax(s.mT, m.mT).mT), "over the queries"),
-        (_attention(lambda raw, d_k, tau: raw * tau / d_k**0.5), "multiplied by the temperature"),
-        (_attention(lambda raw, d_k, tau: raw / d_k**0.5), "temperature .* has no effect"),
-        (_attention(_right, masked_after_softmax), "applied after the softmax"),
-        (_attention(_right, masked_inverted), "treated True as blocked"),
-        (_attention(_right, masked_neg_inf), "gives NaN"),
-        (_attention(_right, masked_finite_fill_only), "same weight on every key"),
-        (_attention(_right, masked_additive_nan_to_num), "gradient with respect to `query`"),
-        (_attention(_right, masked_where_overflow), "gradient with respect to `query`"),
-        (_attention(_right, masked_ignores_mask), "the mask has no effect"),
+        ("inverted", "True outside the window"),
+        ("past", "only looks back"),
+        ("future", "only looks ahead"),
+        ("strict", "leaves out the edges"),
+        ("wide", "one key too many"),
+        ("float", "return a bool tensor"),
+        ("eye", "only the diagonal"),
+        ("full", "the window has no effect"),
     ],
 )
-def test_attention_names_the_mistake(wrong, message):
+def test_window_mask_names_the_mistake(kind, message):
     with pytest.raises(CheckFailure, match=message):
-        check_attention_with_temperature(wrong)
+        check_local_attention(lambda length, window: band(length, window, kind=kind), local)
 
 
-def test_attention_names_swapped_results():
-    right = _attention(_right)
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(scale="none"), "without the 1/sqrt\\(d_k\\) scale"),
+        (dict(scale="d_k"), "not 1/d_k"),
+        (dict(scale="times"), "multiplied by sqrt\\(d_k\\)"),
+        (dict(dim=-2), "over the queries"),
+        (dict(fill="after"), "applied after the softmax"),
+        (dict(fill="none"), "the window has no effect"),
+        (dict(mask="inverted"), "treated True as blocked"),
+        (dict(mask="inverted", neg_inf=False), "treated True as blocked"),
+        (dict(mask="past"), "wrong window: it only looks back"),
+        (dict(mask="strict"), "wrong window: it uses \\|i - j\\| < window"),
+        (dict(values="k"), "averages the keys"),
+        (dict(detach=True), "carries no gradient"),
+    ],
+)
+def test_local_attention_names_the_mistake(options, message):
+    def wrong(query, key, value, window):
+        return local(query, key, value, window, **options)
 
-    def swapped(*args, **kwargs):
-        output, weights = right(*args, **kwargs)
-        return weights, output
+    with pytest.raises(CheckFailure, match=message):
+        check_local_attention(band, wrong)
 
+
+def test_local_attention_must_not_call_a_ready_made_attention():
+    """A one-line call of the book's or PyTorch's function is refused (issue: 2.2)."""
+    import torch.nn.functional as F
+
+    import transformer_book
+    from transformer_book.attention import scaled_dot_product_attention
+
+    def book(query, key, value, window):
+        return scaled_dot_product_attention(query, key, value, band(query.size(-2), window))
+
+    def book_by_module(query, key, value, window):
+        mask = band(query.size(-2), window)
+        return transformer_book.scaled_dot_product_attention(query, key, value, mask)
+
+    def pytorch(query, key, value, window):
+        mask = band(query.size(-2), window)
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        return output, local(query, key, value, window)[1]
+
+    for wrong in (book, book_by_module, pytorch):
+        with pytest.raises(CheckFailure, match="write the attention step yourself"):
+            check_local_attention(band, wrong)
+    # everything is restored afterwards
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    assert transformer_book.scaled_dot_product_attention is scaled_dot_product_attention
+    contents = [cell.cell_contents for cell in book.__closure__]
+    assert any(c is scaled_dot_product_attention for c in contents)
+
+
+def test_local_attention_names_swapped_results():
     with pytest.raises(CheckFailure, match="wrong order"):
-        check_attention_with_temperature(swapped)
-
-
-def test_attention_names_a_missing_tuple():
-    right = _attention(_right)
-    with pytest.raises(CheckFailure, match="should return a tuple"):
-        check_attention_with_temperature(lambda *a, **k: right(*a, **k)[0])
-
-
-def test_attention_temperature_after_softmax():
-    def after(query, key, value, mask=None, temperature=1.0):
-        _, weights = _attention(_right)(query, key, value, mask)
-        weights = weights / temperature
-        return weights @ value, weights
-
-    with pytest.raises(CheckFailure, match="temperature divides the scores, before the softmax"):
-        check_attention_with_temperature(after)
+        check_local_attention(band, lambda *a: local(*a)[::-1])
 
 
 # ----------------------------------------------------------------------------- 2.3

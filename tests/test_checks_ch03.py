@@ -130,6 +130,10 @@ def make_fused(
     ignore_bias=False,
     extra_parameter=False,
     check_divisible=True,
+    dropout=0.0,
+    store_after_dropout=False,
+    attend_with=None,
+    per_head_layout=False,
 ):
     """FusedMultiHeadAttention with the mistakes switched on by the arguments."""
 
@@ -144,10 +148,18 @@ def make_fused(
             self.w_o = nn.Linear(d_model, d_model, bias=bias)
             if extra_parameter:
                 self.gain = nn.Parameter(torch.ones(d_model))
+            self.dropout = nn.Dropout(dropout)
 
         def forward(self, x, mask=None):
             batch, length, d_model = x.shape
             parts = self.w_qkv(x).chunk(3, dim=-1)
+            if per_head_layout:  # (B, L, heads, 3, d_head): q, k, v interleaved per head
+                qkv = self.w_qkv(x).reshape(batch, length, self.num_heads, 3, self.d_head)
+                parts = [t.reshape(batch, length, d_model) for t in qkv.unbind(dim=3)]
+            if attend_with is not None:  # a ready-made attention function
+                q, k, v = (split_heads(t, self.num_heads) for t in parts)
+                heads, self.attention_weights = attend_with(q, k, v, mask)
+                return self.w_o(merge_heads(heads))
             q, k, v = (parts[i] for i in order)
             if split_bug:
                 q, k, v = (t.reshape(batch, self.num_heads, length, self.d_head) for t in (q, k, v))
@@ -165,13 +177,15 @@ def make_fused(
             weights = torch.softmax(scores, dim=softmax_dim)
             if mask is not None and mask_mode == "after":
                 weights = weights * mask
+            if store_after_dropout:
+                weights = self.dropout(weights)
             if store == "heads":
                 self.attention_weights = weights.detach()
             elif store == "mean":
                 self.attention_weights = weights.mean(1).detach()
             elif store == "scores":
                 self.attention_weights = scores.detach()
-            heads = weights @ v
+            heads = self.dropout(weights) @ v
             if merge_bug:
                 merged = heads.reshape(batch, length, d_model)
             else:
@@ -198,6 +212,7 @@ def test_the_configurable_fused_module_passes_when_correct():
         (dict(split_bug=True, merge_bug=True), "split and merged with plain reshapes"),
         (dict(order=(1, 0, 2)), "cut into \\(k, q, v\\)"),
         (dict(order=(2, 1, 0)), "cut into \\(v, k, q\\)"),
+        (dict(per_head_layout=True), "interleaved head by head"),
         (dict(mask_mode="inverted"), "mask inverted"),
         (dict(mask_mode="after"), "after the softmax"),
         (dict(mask_mode="ignored"), "without the mask"),
@@ -208,11 +223,58 @@ def test_the_configurable_fused_module_passes_when_correct():
         (dict(ignore_bias=True), "has bias although bias=False"),
         (dict(extra_parameter=True), "Remove the extra parameters"),
         (dict(check_divisible=False), "raise ValueError"),
+        (dict(dropout=0.1), "differs in training mode"),
+        (dict(dropout=0.1, store_after_dropout=True), "stored after a dropout"),
+        (dict(attend_with=scaled_dot_product_attention), "write the attention step yourself"),
     ],
 )
 def test_fused_check_names_the_mistake(options, message):
     with pytest.raises(CheckFailure, match=message):
         check_fused_mha(make_fused(**options))
+
+
+NOTEBOOK_CELL = """
+import torch.nn as nn
+import torch.nn.functional as F
+
+from transformer_book.attention import scaled_dot_product_attention
+from transformer_book.multihead import merge_heads, split_heads
+
+
+def book(q, k, v, mask):
+    return scaled_dot_product_attention(q, k, v, mask)
+
+
+def pytorch(q, k, v, mask):
+    weights = book(q, k, v, mask)[1].detach()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), weights
+
+
+class Fused(nn.Module):
+    def __init__(self, d_model, num_heads, bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.w_qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.w_o = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, x, mask=None):
+        q, k, v = (split_heads(t, self.num_heads) for t in self.w_qkv(x).chunk(3, dim=-1))
+        heads, self.attention_weights = ATTEND(q, k, v, mask)
+        return self.w_o(merge_heads(heads))
+"""
+
+
+@pytest.mark.parametrize("attend", ["book", "pytorch", "scaled_dot_product_attention"])
+def test_fused_check_refuses_a_ready_made_attention_imported_in_a_notebook(attend):
+    """As in a notebook: the function is imported by name into the cell's globals."""
+    import torch.nn.functional as F
+
+    scope = {"__name__": "__notebook__"}
+    exec(NOTEBOOK_CELL.replace("ATTEND", attend), scope)
+    with pytest.raises(CheckFailure, match="write the attention step yourself"):
+        check_fused_mha(scope["Fused"])
+    assert scope["scaled_dot_product_attention"] is scaled_dot_product_attention
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
 
 
 def test_fused_check_wants_the_fused_layer():
@@ -248,6 +310,8 @@ def make_mqa(
     merge_bug=False,
     store="heads",
     mask_mode="ok",
+    dropout=0.0,
+    inputs_from_query=(),
 ):
     """MultiQueryAttention with the mistakes switched on by the arguments."""
 
@@ -262,9 +326,12 @@ def make_mqa(
             self.w_k = nn.Linear(d_model, width, bias=bias)
             self.w_v = nn.Linear(d_model, width, bias=bias)
             self.w_o = nn.Linear(d_model, d_model, bias=bias)
+            self.dropout = nn.Dropout(dropout)
 
         def forward(self, query, key, value, mask=None):
             batch, lq, d_model = query.shape
+            key = query if "key" in inputs_from_query else key
+            value = query if "value" in inputs_from_query else value
             q = split_heads(self.w_q(query), self.num_heads)
             k, v = self.w_k(key), self.w_v(value)
             if unsqueeze:
@@ -282,6 +349,7 @@ def make_mqa(
                 self.attention_weights = weights.detach()
             elif store == "mean":
                 self.attention_weights = weights.mean(1).detach()
+            heads = self.dropout(heads)
             if merge_bug:
                 merged = heads.reshape(batch, lq, d_model)
             else:
@@ -308,6 +376,10 @@ def test_the_configurable_mqa_module_passes_when_correct():
         (dict(store="none"), "does not keep the weights"),
         (dict(mask_mode="inverted"), "mask inverted"),
         (dict(mask_mode="ignored"), "without the mask"),
+        (dict(dropout=0.1), "differs in training mode"),
+        (dict(inputs_from_query=("key",)), "the keys are computed from `query`"),
+        (dict(inputs_from_query=("value",)), "the values are computed from `query`"),
+        (dict(inputs_from_query=("key", "value")), "computed from `query`"),
     ],
 )
 def test_mqa_check_names_the_mistake(options, message):

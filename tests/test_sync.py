@@ -30,10 +30,12 @@ def test_every_solution_has_an_exercise_and_a_chapter():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_notebook_is_clean_and_starts_with_the_colab_setup(path):
+def test_notebook_is_clean_and_starts_with_the_hidden_colab_setup(path):
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code[0].source.startswith(generate.setup_region(generate.repository_url()))
+    assert code[0].source == generate.setup_region(generate.repository_url())
+    assert generate.SETUP_TAG in code[0].metadata.get("tags", []), "setup cell shown on the site"
+    assert generate.SETUP_END not in code[1].source, "the chapter's imports follow the setup cell"
     assert all(not c.outputs and c.execution_count is None for c in code), "stored outputs"
     if path.parent.name == "exercises":
         assert not any(generate.BEGIN in c.source for c in nb.cells)
@@ -106,3 +108,24 @@ def test_export_hoists_imports_and_marks_the_file_generated():
     namespace: dict = {}
     exec(compile(text, "demo.py", "exec"), namespace)
     assert namespace["f"]().shape == (1,)
+
+
+def test_an_old_combined_setup_cell_is_split_and_a_missing_one_added():
+    url = "https://example.org/course"
+    old = nbformat.v4.new_notebook()
+    old.cells = [
+        nbformat.v4.new_markdown_cell("# Title"),
+        nbformat.v4.new_code_cell(generate.SETUP_START + "\nold\n" + generate.SETUP_END
+                                  + "\nimport torch\n"),
+    ]
+    new = generate.with_setup(old, url, Path("x.ipynb"))
+    setup, imports = new.cells[1], new.cells[2]
+    assert setup.source == generate.setup_region(url)
+    assert setup.metadata["tags"] == [generate.SETUP_TAG]
+    assert imports.source == "import torch"
+    assert generate.with_setup(new, url, Path("x.ipynb")).cells == new.cells  # idempotent
+
+    bare = nbformat.v4.new_notebook()
+    bare.cells = [nbformat.v4.new_code_cell("import torch")]
+    added = generate.with_setup(bare, url, Path("x.ipynb"))
+    assert [c.source for c in added.cells] == [generate.setup_region(url), "import torch"]

@@ -5,13 +5,18 @@
 
 What it derives, and from what:
 
-1. The Colab setup region of every notebook's first code cell, from the repository
-   URL in ``_config.yml`` (the one place that URL is written).
+1. Every notebook's first code cell, the Colab setup (tagged ``remove-cell``, so the site
+   does not show it), from the repository URL in ``_config.yml`` (the one place that
+   URL is written).
 2. The package modules ``transformer_book/<module>.py``, from the cells of
    ``book/NN_*.ipynb`` whose first line is ``#| export <module>``.
 3. The student notebooks ``exercises/NN_*.ipynb``, from ``solutions/NN_*.ipynb``:
    every ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region becomes
    ``# YOUR CODE HERE`` + ``raise NotImplementedError()``, and outputs are cleared.
+4. The grader's manifest ``transformer_book/checks/manifest.py``, from the check cells
+   of ``solutions/NN_*.ipynb`` and the ``@exercise(number, title)`` decorators of
+   ``transformer_book/checks/*.py``: which exercises each notebook has, and the source
+   of each check cell as shipped.
 
 Book, solution and exercise notebooks are also stored without outputs.
 """
@@ -19,7 +24,9 @@ Book, solution and exercise notebooks are also stored without outputs.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
+import json
 import re
 import sys
 from collections import defaultdict
@@ -38,6 +45,8 @@ BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 STUB_CODE = ["# YOUR CODE HERE", "raise NotImplementedError()"]
 STUB_MARKDOWN = "YOUR ANSWER HERE"
 SOLUTION_TAG = "hide-input"
+SETUP_TAG = "remove-cell"  # the site hides the Colab setup cell; Colab and Jupyter run it
+SETUP_CELL_ID = "colab-setup"
 
 
 def repository_url(root: Path = ROOT) -> str:
@@ -46,17 +55,19 @@ def repository_url(root: Path = ROOT) -> str:
 
 
 def setup_region(url: str) -> str:
-    """The lines every notebook's first code cell starts with."""
+    """The whole source of every notebook's first code cell (Colab only; hidden on the site)."""
     return "\n".join(
         [
             SETUP_START,
             "import sys",
             "",
-            'if "google.colab" in sys.modules:  # only on Colab; locally the package is installed',
+            'if "google.colab" in sys.modules:  # on Colab only; locally it is installed',
             "    import subprocess",
             "",
+            f'    url = "{url}"',
             "    subprocess.run(",
-            f'        [sys.executable, "-m", "pip", "install", "-q", "transformer_book @ git+{url}"],',
+            '        [sys.executable, "-m", "pip", "install", "-q",',
+            '         f"transformer_book @ git+{url}"],',
             "        check=True,",
             "    )",
             SETUP_END,
@@ -79,21 +90,34 @@ def strip_outputs(nb) -> None:
 
 
 def with_setup(nb, url: str, path: Path):
-    """Return a copy of ``nb`` whose first code cell starts with the current setup region."""
+    """Return a copy of ``nb`` whose first code cell is the current Colab setup cell.
+
+    The setup cell holds only the Colab install and carries the ``remove-cell`` tag, so
+    the site does not show it; the chapter's own imports live in the next code cell.
+    An older notebook whose first code cell mixes the two is split.
+    """
     nb = copy.deepcopy(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     if not code:
         raise SystemExit(f"{path}: has no code cell; the first code cell must be the setup cell")
     first = code[0]
-    region = setup_region(url)
     source = first.source
     if SETUP_START in source and SETUP_END in source:
         start = source.index(SETUP_START)
         end = source.index(SETUP_END) + len(SETUP_END)
-        source = source[:start] + region + source[end:]
+        rest = (source[:start] + source[end:]).strip("\n")
+        setup = first
     else:
-        source = region + ("\n" + source if source.strip() else "")
-    first.source = source
+        rest = ""
+        setup = nbformat.v4.new_code_cell(id=SETUP_CELL_ID)
+        nb.cells.insert(nb.cells.index(first), setup)
+    setup.source = setup_region(url)
+    tags = setup.metadata.setdefault("tags", [])
+    if SETUP_TAG not in tags:
+        tags.append(SETUP_TAG)
+    if rest:  # split an old combined setup cell: the imports stay visible
+        imports = nbformat.v4.new_code_cell(rest, id=f"{setup.get('id', SETUP_CELL_ID)}-imports")
+        nb.cells.insert(nb.cells.index(setup) + 1, imports)
     return nb
 
 
@@ -223,7 +247,62 @@ def expected_files(root: Path = ROOT) -> dict[Path, str]:
     for path in sorted((root / "exercises").glob("*.ipynb")):
         if path.name not in solution_names:
             files[path] = ""  # an exercise without a solution notebook: stale, delete
+
+    files[root / "transformer_book" / "checks" / "manifest.py"] = render_manifest(root)
     return files
+
+
+CHECK_CALL_RE = re.compile(r"\b(check_\w+)\s*\(")
+
+
+def render_manifest(root: Path = ROOT) -> str:
+    """The grader's record of the shipped exercises: per notebook, its check cells.
+
+    A check cell is a code cell of a solutions notebook that calls a ``check_*``
+    function; its exercise number and title come from that check's
+    ``@exercise("N.k", "title")`` decorator in ``transformer_book/checks/``.
+    """
+    checks: dict[str, dict[str, str]] = {}
+    for path in sorted((root / "transformer_book" / "checks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            for decorator in node.decorator_list:
+                if isinstance(decorator, ast.Call) and getattr(decorator.func, "id", "") == "exercise":
+                    try:
+                        number, title = (ast.literal_eval(a) for a in decorator.args[:2])
+                    except (ValueError, TypeError):
+                        raise SystemExit(
+                            f"{path}: @exercise of {node.name} needs a literal number and title"
+                        ) from None
+                    module = f"transformer_book.checks.{path.stem}"
+                    checks[node.name] = {"check": node.name, "module": module,
+                                         "number": number, "title": title}
+    notebooks = {}
+    for path in sorted((root / "solutions").glob("*.ipynb")):
+        cells = []
+        for cell in nbformat.read(path, as_version=4).cells:
+            names = CHECK_CALL_RE.findall(cell.source) if cell.cell_type == "code" else []
+            if not names:
+                continue
+            if BEGIN in cell.source:
+                raise SystemExit(f"{path}: a check cell ({names[0]}) holds a solution region")
+            unknown = [n for n in names if n not in checks]
+            if unknown:
+                raise SystemExit(f"{path}: {unknown[0]} is not an @exercise check of the package")
+            cells.append({"source": cell.source.strip(), "exercises": [checks[n] for n in names]})
+        if cells:
+            notebooks[path.name] = cells
+    data = json.dumps(notebooks, indent=4, ensure_ascii=False)
+    return (
+        "# GENERATED by tools/generate.py from solutions/*.ipynb and the @exercise decorators of\n"
+        "# transformer_book/checks/: do not edit. Run: python tools/generate.py\n"
+        '"""The shipped exercises, which the grader holds every submission to.\n\n'
+        "NOTEBOOKS maps each exercise notebook's file name to its check cells, in order; each\n"
+        "check cell has its source as shipped and the exercises it checks (check function,\n"
+        'its module, exercise number and title).\n"""\n\n'
+        f"NOTEBOOKS = {data}\n"
+    )
 
 
 def generated_modules(root: Path = ROOT) -> list[Path]:

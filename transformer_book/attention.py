@@ -8,21 +8,22 @@ import torch
 def scaled_dot_product_attention(query, key, value, mask=None):
     """softmax(Q K^T / sqrt(d_k)) V, returned together with the attention weights.
 
-    query (..., L_q, d_k), key (..., L_k, d_k), value (..., L_k, d_v); leading dims broadcast.
-    mask: optional bool tensor broadcastable to (..., L_q, L_k), True where a query may
-    attend to a key (the convention of torch.nn.functional.scaled_dot_product_attention).
+    query (..., L_q, d_k), key (..., L_k, d_k), value (..., L_k, d_v); leading dims
+    broadcast. mask: optional bool tensor broadcastable to (..., L_q, L_k), True where a
+    query may attend to a key (the convention of F.scaled_dot_product_attention).
     A query with no allowed key gets zero weights and a zero output, never NaN.
     Returns output (..., L_q, d_v) and weights (..., L_q, L_k).
     """
     if mask is not None and not (torch.is_tensor(mask) and mask.dtype == torch.bool):
-        raise TypeError("mask must be a boolean tensor, True where attention is allowed.")
+        raise TypeError("mask must be a boolean tensor, True where a query may attend.")
     d_k = query.size(-1)
     scores = query @ key.transpose(-2, -1) / d_k**0.5  # (..., L_q, L_k)
     if mask is not None:
-        # the most negative finite float, not -inf, so that a fully masked row stays finite
-        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)  # (..., L_q, L_k)
+        # the most negative finite float, not -inf: a fully masked row stays finite
+        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
     weights = torch.softmax(scores, dim=-1)  # (..., L_q, L_k); each row sums to 1
     if mask is not None:
-        weights = torch.where(mask, weights, 0.0)  # only changes rows with no allowed key
+        # zero weights where masked: changes only the rows with no key allowed
+        weights = torch.where(mask, weights, 0.0)
     output = weights @ value  # (..., L_q, d_v)
     return output, weights

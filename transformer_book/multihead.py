@@ -9,14 +9,18 @@ from transformer_book.attention import scaled_dot_product_attention
 
 
 def split_heads(x, num_heads):
-    """(batch, L, d_model) -> (batch, num_heads, L, d_head); head i gets features i*d_head:(i+1)*d_head."""
+    """(batch, L, d_model) -> (batch, num_heads, L, d_head).
+
+    Head i gets the features i * d_head to (i + 1) * d_head - 1.
+    """
     batch, length, d_model = x.shape
-    x = x.reshape(batch, length, num_heads, d_model // num_heads)  # (batch, L, heads, d_head)
+    # (batch, L, heads, d_head)
+    x = x.reshape(batch, length, num_heads, d_model // num_heads)
     return x.transpose(1, 2)  # (batch, heads, L, d_head)
 
 
 def merge_heads(x):
-    """(batch, num_heads, L, d_head) -> (batch, L, num_heads * d_head); undoes split_heads."""
+    """(batch, num_heads, L, d_head) -> (batch, L, d_model); undoes split_heads."""
     batch, num_heads, length, d_head = x.shape
     x = x.transpose(1, 2)  # (batch, L, heads, d_head)
     return x.reshape(batch, length, num_heads * d_head)  # (batch, L, d_model)
@@ -61,20 +65,29 @@ class MultiHeadAttention(nn.Module):
 def copy_torch_mha_weights(mha, torch_mha):
     """Copy the weights of a torch.nn.MultiheadAttention into our MultiHeadAttention.
 
-    torch packs W_q, W_k, W_v as the three row blocks of in_proj_weight (3 * d_model, d_model).
+    torch packs W_q, W_k, W_v as the three row blocks of in_proj_weight,
+    shape (3 * d_model, d_model).
     """
     if torch_mha.in_proj_weight is None:
-        raise ValueError("torch_mha has separate kdim/vdim projections; only the packed layout is supported.")
+        raise ValueError(
+            "torch_mha has separate kdim/vdim projections; "
+            "only the packed layout is supported."
+        )
     if (torch_mha.in_proj_bias is None) != (mha.w_q.bias is None):
-        raise ValueError("one module has biases and the other does not: build both with the same bias.")
+        raise ValueError(
+            "one module has biases and the other does not: "
+            "build both with the same bias."
+        )
     if torch_mha.num_heads != mha.num_heads or torch_mha.embed_dim != mha.d_model:
         raise ValueError("the two modules differ in d_model or num_heads.")
     with torch.no_grad():
-        for name, weight in zip(("w_q", "w_k", "w_v"), torch_mha.in_proj_weight.chunk(3)):
-            getattr(mha, name).weight.copy_(weight)  # (d_model, d_model)
+        weights = torch_mha.in_proj_weight.chunk(3)  # 3 x (d_model, d_model)
+        for name, weight in zip(("w_q", "w_k", "w_v"), weights):
+            getattr(mha, name).weight.copy_(weight)
         if torch_mha.in_proj_bias is not None:
-            for name, bias in zip(("w_q", "w_k", "w_v"), torch_mha.in_proj_bias.chunk(3)):
-                getattr(mha, name).bias.copy_(bias)  # (d_model,)
+            biases = torch_mha.in_proj_bias.chunk(3)  # 3 x (d_model,)
+            for name, bias in zip(("w_q", "w_k", "w_v"), biases):
+                getattr(mha, name).bias.copy_(bias)
             mha.w_o.bias.copy_(torch_mha.out_proj.bias)
         mha.w_o.weight.copy_(torch_mha.out_proj.weight)
     return mha

@@ -3,7 +3,7 @@
 Every check computes its reference in float64 from the same inputs it hands to your
 function. When your answer differs, the check first recomputes the answers that the
 usual mistakes would give (softmax over the wrong axis, a missing tanh, a weight matrix
-used without its transpose, the wrong sequence for the keys ...) and names the one that
+used without its transpose, mean pooling, the inverse permutation ...) and names the one that
 matches; only if none does it fall back to a general message.
 """
 
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ._core import (
+    CheckFailure,
     call,
     diagnose,
     exercise,
@@ -113,18 +114,6 @@ def _rows_sum_message(weights: torch.Tensor) -> str | None:
             "missing, or taken over the wrong dim?"
         )
     return None
-
-
-def _plain_attention(q, k, v, scale=1.0, dim=-1):
-    weights = torch.softmax(scale * q @ k.transpose(-2, -1), dim=dim)
-    return weights @ v, weights
-
-
-def _reference_attention(q, k, v):
-    """PyTorch's own attention with the 1/sqrt(d_k) scale switched off (scale=1)."""
-    weights = torch.softmax(q @ k.transpose(-2, -1), dim=-1)  # (..., Lq, Lk)
-    output = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (..., Lq, d_v)
-    return output, weights
 
 
 # ------------------------------------------------------------- exercise 1.1: additive
@@ -266,311 +255,359 @@ def _additive_case(additive_attention, case, dtype):
     )
 
 
-# --------------------------------------------------------- exercise 1.2: self-attention
+# ------------------------------------------------------ exercise 1.2: attention pooling
 
 
-def _self_cases(generator):
-    # (batch, L, d_model, d_k, d_v). The first case is square (d_model = d_k = d_v) so
-    # that every wrong answer below can be computed and recognised.
+def _pool_cases(generator):
+    # (batch, L, d_model, d_k, d_v). The first case is square (d_model = d_k = d_v) so that
+    # answers that skip a projection or its transpose can be computed and recognised.
     shapes = [
-        ((2,), 4, 6, 6, 6),
-        ((3,), 5, 8, 4, 3),
-        ((), 7, 6, 5, 2),
-        ((1,), 1, 5, 3, 4),
-        ((2, 3), 4, 10, 7, 5),
+        ((3,), 5, 6, 6, 6),
+        ((2,), 4, 8, 5, 3),
+        ((), 7, 6, 4, 2),
+        ((2,), 1, 5, 3, 4),
+        ((2, 3), 6, 10, 7, 5),
     ]
     for batch, length, d_model, d_k, d_v in shapes:
         yield dict(
             x=_random(*batch, length, d_model, generator=generator),
-            w_q=_weight(d_k, d_model, generator),
+            query=_random(d_k, generator=generator),
             w_k=_weight(d_k, d_model, generator),
             w_v=_weight(d_v, d_model, generator),
         )
 
 
-def _self_reference(x, w_q, w_k, w_v):
-    return _reference_attention(x @ w_q.T, x @ w_k.T, x @ w_v.T)
+def _pool_reference(x, query, w_k, w_v):
+    """PyTorch's attention with one query per sequence and no scale: (pooled, weights)."""
+    keys, values = x @ w_k.T, x @ w_v.T  # (..., L, d_k), (..., L, d_v)
+    queries = query.expand(*x.shape[:-2], 1, query.shape[-1])  # (..., 1, d_k)
+    pooled = F.scaled_dot_product_attention(queries, keys, values, scale=1.0)  # (..., 1, d_v)
+    weights = torch.softmax(keys @ query, dim=-1)  # (..., L)
+    return pooled.squeeze(-2), weights
 
 
-def _projection_mistakes(q, k, d_k, raw_q, raw_k, what_q="x", what_k="x"):
-    """Wrong ways to turn projected queries and keys into weights (all shapes (..., Lq, Lk))."""
-    return [
-        (
-            lambda: torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d_k), dim=-1),
-            "Your weights match scores divided by sqrt(d_k): that is chapter 2's scaled "
-            "attention. This exercise asks for the plain dot products of chapter 1 (no scale).",
-        ),
-        (
-            lambda: torch.softmax(q @ k.transpose(-2, -1) / d_k, dim=-1),
-            "Your weights match scores divided by d_k. This exercise uses the plain dot "
-            "products of chapter 1, with no scale.",
-        ),
-        (
-            lambda: torch.softmax(q @ k.transpose(-2, -1), dim=-2),
-            "Your weights match a softmax over the queries (dim=-2): each column sums to 1. "
-            "Each query's row must sum to 1: softmax over the keys, dim=-1.",
-        ),
-        (
-            lambda: torch.softmax(q @ k.transpose(-2, -1), dim=-1).transpose(-2, -1),
-            "Your weights are the right weights transposed: rows must be queries and columns "
-            "keys (weights[..., i, j] is how much query i takes from key j).",
-        ),
-        (
-            lambda: torch.softmax(k @ q.transpose(-2, -1), dim=-1),
-            "Your weights match softmax(K Q^T): queries and keys swapped. The scores are "
-            "Q K^T, one row per query.",
-        ),
-        (
-            lambda: torch.softmax(raw_q @ raw_k.transpose(-2, -1), dim=-1),
-            f"Your weights match softmax({what_q} {what_k}^T): the inputs were used as queries "
-            "and keys without the projections w_q and w_k.",
-        ),
-    ]
-
-
-@exercise("1.2", "Self-attention from weight matrices")
-def check_self_attention(self_attention):
+@exercise("1.2", "Attention pooling")
+def check_attention_pool(attention_pool):
     expect_callable(
-        self_attention, "your self-attention function", "check_self_attention(self_attention)"
+        attention_pool, "your attention pooling function", "check_attention_pool(attention_pool)"
     )
     generator = torch.Generator().manual_seed(12)
-    for number, case in enumerate(_self_cases(generator)):
-        _self_case(self_attention, case, torch.float64 if number == 4 else torch.float32)
+    for number, case in enumerate(_pool_cases(generator)):
+        _pool_case(attention_pool, case, torch.float64 if number == 4 else torch.float32)
 
-    # The property the chapter demonstrates, checked on its own: permuting the tokens of x
-    # permutes the outputs (and the weights' rows and columns) the same way.
-    what = "self_attention"
-    case = next(_self_cases(torch.Generator().manual_seed(13)))
-    inputs = [case[n].float() for n in ("x", "w_q", "w_k", "w_v")]
-    output, weights = _unpack(call(self_attention, *inputs, what=what), what)
-    _equivariance(self_attention, inputs, output, weights, what)
+    # The pooled vector is a weighted mean over the tokens: reordering them changes nothing.
+    case = next(_pool_cases(torch.Generator().manual_seed(13)))
+    _pool_invariance(attention_pool, [case[n].float() for n in ("x", "query", "w_k", "w_v")])
 
 
-def _self_case(self_attention, case, dtype):
-    what = "self_attention"
-    x, w_q, w_k, w_v = case["x"], case["w_q"], case["w_k"], case["w_v"]
-    inputs = [t.to(dtype) for t in (x, w_q, w_k, w_v)]
-    result = call(self_attention, *inputs, what=what)
-    length, d_k, d_v = x.shape[-2], w_q.shape[0], w_v.shape[0]
-    batch = tuple(x.shape[:-2])
-    output, weights = _unpack(result, what, batch + (length, d_v), batch + (length, length))
-    _check_weights_shape(weights, batch + (length, length), length, length, what)
-    expect_shape(output, batch + (length, d_v), f"the output returned by {what}")
-    ref_out, ref_w = _self_reference(x, w_q, w_k, w_v)
-    q, k, v = x @ w_q.T, x @ w_k.T, x @ w_v.T
-
-    if not (_close(weights, ref_w) and _close(output, ref_out)):
-        _equivariance(self_attention, inputs, output, weights, what)
-
-    wrong_weights = _projection_mistakes(q, k, d_k, x, x) + [
-        (
-            lambda: torch.softmax((x @ w_q) @ (x @ w_k).transpose(-2, -1), dim=-1),
-            "Your weights match x @ w_q and x @ w_k without the transpose. The weights are "
-            "stored like nn.Linear's, with shape (out_features, in_features), so the "
-            "projection is x @ w_q.T.",
-        ),
-    ]
-    general = _rows_sum_message(weights) or (
-        "Your attention weights differ from softmax(Q K^T) with Q = x @ w_q.T and K = x @ w_k.T."
-    )
-    _diagnose(weights, ref_w, wrong_weights, general)
-
-    wrong_outputs = [
-        (
-            lambda: ref_w @ x,
-            "Your weights are right but the output averages x itself: project the values "
-            "first, V = x @ w_v.T, then output = weights @ V.",
-        ),
-        (
-            lambda: ref_w @ k,
-            "Your weights are right but the output averages the keys: the output is "
-            "weights @ V with V = x @ w_v.T.",
-        ),
-        (
-            lambda: ref_w @ (x @ w_v),
-            "Your weights are right but the values are x @ w_v without the transpose; "
-            "w_v has nn.Linear's shape (d_v, d_model), so V = x @ w_v.T.",
-        ),
-        (
-            lambda: ref_w.transpose(-2, -1) @ v,
-            "Your weights are right but the output uses them transposed: output = weights @ V.",
-        ),
-    ]
-    _diagnose(
-        output,
-        ref_out,
-        wrong_outputs,
-        "Your weights are right but the output differs from weights @ (x @ w_v.T).",
-    )
-
-
-def _equivariance(self_attention, inputs, output, weights, what):
+def _pool_invariance(attention_pool, inputs):
+    what = "attention_pool"
     x, *rest = inputs
+    pooled, weights = _unpack(call(attention_pool, x, *rest, what=what), what)
     perm = _derangement(x.shape[-2])
-    if len(perm) < 2:
+    moved, moved_w = _unpack(call(attention_pool, x[..., perm, :], *rest, what=what), what)
+    if moved.shape != pooled.shape or moved_w.shape != weights.shape:
         return
-    moved_out, moved_w = _unpack(call(self_attention, x[..., perm, :], *rest, what=what), what)
-    if moved_out.shape != output.shape or moved_w.shape != weights.shape:
-        return
-    same_out = torch.allclose(moved_out, output[..., perm, :], atol=1e-4, rtol=1e-3)
-    same_w = torch.allclose(moved_w, weights[..., perm, :][..., perm], atol=1e-4, rtol=1e-3)
-    if not (same_out and same_w):
+    if not (
+        torch.allclose(moved, pooled, atol=1e-5, rtol=1e-4)
+        and torch.allclose(moved_w, weights[..., perm], atol=1e-5, rtol=1e-4)
+    ):
         fail(
-            "Permuting the tokens of x does not permute your output the same way, so your "
-            "function depends on token positions (a causal mask? a position-dependent term?). "
-            "Plain self-attention has no notion of position: it is permutation-equivariant."
+            "Reordering the tokens of x changes your pooled vector (or does not move the "
+            "weights with the tokens): attention pooling is a weighted mean over the tokens, "
+            "so it must not depend on their order. Is a position-dependent term involved?"
         )
 
 
-# -------------------------------------------------------- exercise 1.3: cross-attention
-
-
-def _cross_cases(generator):
-    # (batch, Lq, Lk, d_model, d_memory, d_k, d_v). The first case has Lq = Lk and one width
-    # everywhere, so that every mix-up of the two sequences can be computed and recognised;
-    # the second keeps the widths equal but makes Lq != Lk, so mix-ups show in the shapes.
-    shapes = [
-        ((2,), 4, 4, 6, 6, 6, 6),
-        ((2,), 3, 5, 6, 6, 6, 6),
-        ((), 2, 7, 8, 5, 4, 3),
-        ((3,), 6, 1, 4, 6, 5, 2),
-        ((2, 2), 1, 5, 3, 9, 6, 4),
-    ]
-    for batch, lq, lk, d_model, d_memory, d_k, d_v in shapes:
-        yield dict(
-            x=_random(*batch, lq, d_model, generator=generator),
-            memory=_random(*batch, lk, d_memory, generator=generator),
-            w_q=_weight(d_k, d_model, generator),
-            w_k=_weight(d_k, d_memory, generator),
-            w_v=_weight(d_v, d_memory, generator),
-        )
-
-
-@exercise("1.3", "Cross-attention")
-def check_cross_attention(cross_attention):
-    expect_callable(
-        cross_attention, "your cross-attention function", "check_cross_attention(cross_attention)"
-    )
-    generator = torch.Generator().manual_seed(14)
-    for number, case in enumerate(_cross_cases(generator)):
-        _cross_case(cross_attention, case, torch.float64 if number == 4 else torch.float32)
-
-
-def _cross_case(cross_attention, case, dtype):
-    what = "cross_attention"
-    x, memory = case["x"], case["memory"]
-    w_q, w_k, w_v = case["w_q"], case["w_k"], case["w_v"]
-    inputs = [t.to(dtype) for t in (x, memory, w_q, w_k, w_v)]
-    result = call(cross_attention, *inputs, what=what)
-    lq, lk, d_k, d_v = x.shape[-2], memory.shape[-2], w_q.shape[0], w_v.shape[0]
-    batch = tuple(x.shape[:-2])
-    out_shape, w_shape = batch + (lq, d_v), batch + (lq, lk)
-    output, weights = _unpack(result, what, out_shape, w_shape)
-    if lq != lk:
-        got_w, got_out = tuple(weights.shape), tuple(output.shape)
-        if got_w == batch + (lq, lq):
+def _pool_case(attention_pool, case, dtype):
+    what = "attention_pool"
+    x, query, w_k, w_v = case["x"], case["query"], case["w_k"], case["w_v"]
+    inputs = [t.to(dtype) for t in (x, query, w_k, w_v)]
+    before = [t.clone() for t in inputs]
+    result = call(attention_pool, *inputs, what=what)
+    for name, old, new in zip(("x", "query", "w_k", "w_v"), before, inputs):
+        if not torch.equal(old, new):
+            fail(f"{what} changed its input `{name}` in place: compute new tensors instead.")
+    batch, length, d_v = tuple(x.shape[:-2]), x.shape[-2], w_v.shape[0]
+    out_shape, w_shape = batch + (d_v,), batch + (length,)
+    pooled, weights = _unpack(result, what, out_shape, w_shape)
+    for got, expected, name in ((pooled, out_shape, "pooled vector"), (weights, w_shape, "weights")):
+        if tuple(got.shape) == expected[:-1] + (1,) + expected[-1:]:
             fail(
-                f"The attention weights have shape {_fmt(got_w)}, one column per token of x: "
-                "the keys were computed from x. In cross-attention the queries come from x "
-                "and the keys and values from memory, so weights are (..., Lq, Lk)."
+                f"The {name} has shape {_fmt(got.shape)}, expected {_fmt(expected)}: it keeps an "
+                "axis of length 1 for the single query. Drop it (.squeeze(-2)): there is one "
+                "pooled vector per sequence and one weight per token."
             )
-        if got_w == batch + (lk, lk) or got_out == batch + (lk, d_v):
-            fail(
-                f"Your output has shape {_fmt(got_out)} and weights {_fmt(got_w)}: one row per memory "
-                "token, so the queries were computed from memory. Queries come from x (the "
-                "sequence that asks); keys and values from memory."
-            )
-    _check_weights_shape(weights, w_shape, lq, lk, what)
-    expect_shape(output, out_shape, f"the output returned by {what}")
+    expect_shape(weights, w_shape, f"the weights returned by {what} for x of shape {_fmt(x.shape)}")
+    expect_shape(pooled, out_shape, f"the pooled vector returned by {what}")
+    if dtype == torch.float64 and pooled.dtype != torch.float64:
+        fail(f"{what} returns {pooled.dtype} for float64 inputs: keep the inputs' dtype.")
 
-    ref_out, ref_w = _reference_attention(x @ w_q.T, memory @ w_k.T, memory @ w_v.T)
-    q, k, v = x @ w_q.T, memory @ w_k.T, memory @ w_v.T
-    # the same projections applied to the other sequence (only where the widths allow)
-
-    def q_self():
-        return memory @ w_q.T
-
-    def k_self():
-        return x @ w_k.T
-
-    def v_self():
-        return x @ w_v.T
-
-    if not (_close(weights, ref_w) and _close(output, ref_out)):
-        _sources(cross_attention, inputs, output, what)
-
+    ref_pooled, ref_w = _pool_reference(x, query, w_k, w_v)
+    if length > 1 and not (_close(weights, ref_w) and _close(pooled, ref_pooled)):
+        _pool_invariance(attention_pool, inputs)
+    keys, values = x @ w_k.T, x @ w_v.T
+    d_k = query.shape[-1]
     wrong_weights = [
         (
-            lambda: torch.softmax(q @ k_self().transpose(-2, -1), dim=-1),
-            "Your weights match queries and keys both computed from x: that is "
-            "self-attention. In cross-attention the keys come from memory: K = memory @ w_k.T.",
+            torch.full_like(ref_w, 1 / length),
+            "Your weights are 1/L for every token: that is mean pooling. The weights come "
+            "from the scores query . k_j, through a softmax over the tokens.",
         ),
         (
-            lambda: torch.softmax(q_self() @ k.transpose(-2, -1), dim=-1),
-            "Your weights match queries and keys both computed from memory. The queries "
-            "come from x: Q = x @ w_q.T.",
+            lambda: torch.softmax(keys @ query / math.sqrt(d_k), dim=-1),
+            "Your weights match scores divided by sqrt(d_k): that is chapter 2's scaled "
+            "attention. This exercise uses the plain dot products of chapter 1 (no scale).",
         ),
         (
-            lambda: torch.softmax(q_self() @ k_self().transpose(-2, -1), dim=-1),
-            "Your weights match the two sequences swapped: queries from memory and keys "
-            "from x. Queries come from x, keys and values from memory.",
+            lambda: torch.softmax(x @ query, dim=-1),
+            "Your weights match softmax(x . query): the query was compared with x itself, "
+            "without projecting the keys first (K = x @ w_k.T).",
         ),
         (
-            lambda: torch.softmax((x @ w_q) @ (memory @ w_k).transpose(-2, -1), dim=-1),
-            "Your weights match x @ w_q and memory @ w_k without the transpose. The weights "
-            "are stored like nn.Linear's, (out_features, in_features), so Q = x @ w_q.T.",
+            lambda: torch.softmax((x @ w_k) @ query, dim=-1),
+            "Your weights match x @ w_k without the transpose. The weights are stored like "
+            "nn.Linear's, (out_features, in_features), so the keys are x @ w_k.T.",
         ),
-    ] + _projection_mistakes(q, k, d_k, x, memory, "x", "memory")
-    general = _rows_sum_message(weights) or (
-        "Your attention weights differ from softmax(Q K^T) with Q = x @ w_q.T and "
-        "K = memory @ w_k.T."
+    ]
+    if batch:
+        wrong_weights.append(
+            (
+                lambda: torch.softmax(keys @ query, dim=0),
+                "Your weights sum to 1 over the batch (dim 0), not over the tokens of each "
+                "sequence: take the softmax over the last dim (dim=-1), the tokens.",
+            )
+        )
+    sums = weights.detach().double().sum(dim=-1)
+    general = (
+        "Your weights differ from softmax_j(query . k_j) with k_j = x_j @ w_k.T."
+        if torch.allclose(sums, torch.ones_like(sums), atol=1e-4)
+        else "Your weights do not sum to 1 over the tokens (the last axis): is the softmax "
+        "missing, or taken over the wrong dim?"
     )
     _diagnose(weights, ref_w, wrong_weights, general)
 
-    wrong_outputs = [
+    wrong_pooled = [
         (
-            lambda: ref_w @ v_self(),
-            "Your weights are right but the values come from x. Keys and values both come "
-            "from memory: V = memory @ w_v.T.",
+            lambda: torch.einsum("...l,...ld->...d", ref_w, x),
+            "Your weights are right but the pooled vector averages x itself: project the "
+            "values first, V = x @ w_v.T, then pool sum_j weights_j v_j.",
         ),
         (
-            lambda: ref_w @ memory,
-            "Your weights are right but the output averages memory itself: project it "
-            "first, V = memory @ w_v.T.",
+            lambda: torch.einsum("...l,...ld->...d", ref_w, keys),
+            "Your weights are right but the pooled vector averages the keys: the keys decide "
+            "the weights, the values (x @ w_v.T) are averaged.",
         ),
         (
-            lambda: ref_w @ k,
-            "Your weights are right but the output averages the keys; it averages the "
-            "values V = memory @ w_v.T.",
+            lambda: torch.einsum("...l,...ld->...d", ref_w, x @ w_v),
+            "Your weights are right but the values are x @ w_v without the transpose; w_v has "
+            "nn.Linear's shape (d_v, d_model), so V = x @ w_v.T.",
         ),
         (
-            lambda: ref_w.transpose(-2, -1) @ v,
-            "Your weights are right but the output uses them transposed: output = weights @ V.",
+            values.mean(dim=-2),
+            "Your weights are right but the pooled vector is the plain mean of the values: "
+            "weight each value by its attention weight, sum_j weights_j v_j.",
+        ),
+        (
+            values.amax(dim=-2),
+            "Your pooled vector is the largest value in each feature (max pooling): attention "
+            "pooling is the weighted mean sum_j weights_j v_j.",
         ),
     ]
     _diagnose(
-        output,
-        ref_out,
-        wrong_outputs,
-        "Your weights are right but the output differs from weights @ (memory @ w_v.T).",
+        pooled,
+        ref_pooled,
+        wrong_pooled,
+        "Your weights are right but the pooled vector differs from sum_j weights_j v_j with "
+        "v_j = x_j @ w_v.T.",
     )
 
 
-def _sources(cross_attention, inputs, output, what):
-    """Does the output depend on memory at all, and on x at all? Each must matter."""
-    x, memory, *weights = inputs
-    new_memory = memory.flip(-1) + 1.0
-    out_memory, _ = _unpack(call(cross_attention, x, new_memory, *weights, what=what), what)
-    if out_memory.shape == output.shape and torch.allclose(out_memory, output, atol=1e-6):
-        fail(
-            "Your output does not change when memory changes: the keys and values were computed "
-            "from x, which makes it self-attention. Take K and V from memory."
-        )
-    if x.shape[-2] > 1:
-        new_x = x.flip(-1) + 1.0
-        out_x, _ = _unpack(call(cross_attention, new_x, memory, *weights, what=what), what)
-        if out_x.shape == output.shape and torch.allclose(out_x, output, atol=1e-6):
+# ------------------------------------------ exercise 1.3: positions break the symmetry
+
+
+def _self_attention_layer(w_q, w_k, w_v):
+    """Chapter 1's plain self-attention as a function of x only."""
+
+    def layer(x):
+        q, k, v = x @ w_q.T, x @ w_k.T, x @ w_v.T
+        return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v  # (..., L, d_v)
+
+    return layer
+
+
+def _gap(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def _as_number(result, what: str) -> float:
+    if isinstance(result, torch.Tensor):
+        if result.numel() != 1:
             fail(
-                "Your output does not change when x changes: the queries were computed from "
-                "memory. Take Q from x."
+                f"{what} returned a tensor of shape {_fmt(result.shape)}: return one number, "
+                "the largest absolute difference (e.g. `.abs().max().item()`)."
             )
+        return result.item()
+    if isinstance(result, (int, float)) and not isinstance(result, bool):
+        return float(result)
+    fail(f"{what} should return one number (a float); it returned a {type(result).__name__}.")
+
+
+def _check_add_positions(add_positions, batch, length, d_model, max_length, dtype, generator):
+    what = "add_positions"
+    x = _random(*batch, length, d_model, generator=generator).to(dtype)
+    table = _random(max_length, d_model, generator=generator).to(dtype).requires_grad_()
+    before_x, before_table = x.clone(), table.detach().clone()
+    try:
+        out = call(add_positions, x, table, what=what)
+    except CheckFailure as failure:
+        if isinstance(failure.__cause__, RuntimeError) and max_length != length:
+            fail(
+                f"add_positions crashed for x of shape {_fmt(x.shape)} and a table of "
+                f"{max_length} positions: the table has more rows than the sequence has tokens; "
+                "add only its first L rows, table[:L] with L = x.shape[-2]."
+            )
+        raise
+    if not torch.equal(x, before_x) or not torch.equal(table.detach(), before_table):
+        fail(
+            "add_positions changed x or the table in place (x += ...): return a new tensor, "
+            "x + table[:L]."
+        )
+    expect_tensor(out, "what add_positions returns")
+    if tuple(out.shape) == tuple(x.shape[:-1]) + (2 * d_model,):
+        fail(
+            f"add_positions returned shape {_fmt(out.shape)}: it concatenates the positions to "
+            "the features. They are added, so that the width stays d_model: x + table[:L]."
+        )
+    expect_shape(out, x.shape, f"add_positions(x, table) for x of shape {_fmt(x.shape)}")
+    rows = table.detach()[:length]
+    if not same(out, x + rows, atol=1e-6, rtol=1e-5):
+        diagnose(
+            out,
+            [
+                (table.detach()[-length:] + x, "Your result adds the last L rows of the table: "
+                 "token j gets position vector j, the first L rows (table[:L])."),
+                (x * rows, "Your result multiplies x by the position vectors: add them."),
+                (rows.expand(x.shape), "Your result is the position vectors alone: add them "
+                 "to x."),
+            ],
+            "add_positions(x, table) differs from x + table[:L], where token j gets row j.",
+            atol=1e-6,
+            rtol=1e-5,
+        )
+    if out.requires_grad:
+        (grad,) = torch.autograd.grad(out.sum(), table, allow_unused=True)
+    else:
+        grad = None
+    expected_grad = torch.zeros_like(before_table)
+    expected_grad[:length] = torch.tensor(batch).prod() if batch else 1
+    if grad is None or not torch.allclose(grad, expected_grad):
+        fail(
+            "No gradient (or the wrong one) reaches the table through add_positions: the "
+            "position vectors are learned, so use the table itself (no .detach(), .data or "
+            "torch.tensor(...) copy)."
+        )
+
+
+def _check_gap(permutation_gap, layer, x, perm, label):
+    what = "permutation_gap(layer, x, perm)"
+    before = x.clone()
+    got = _as_number(call(permutation_gap, layer, x, perm, what=what), what)
+    if not torch.equal(x, before):
+        fail("permutation_gap changed x in place: permute into a new tensor (x[..., perm, :]).")
+    moved = layer(x[..., perm, :])
+    expected = _gap(moved, layer(x)[..., perm, :])
+    tolerance = 1e-6 + 1e-4 * expected
+    if abs(got - expected) <= tolerance:
+        return expected
+    inverse = torch.argsort(perm)
+    candidates = [
+        (
+            _gap(moved, layer(x)),
+            "compares layer(permuted x) with layer(x) itself: that tests invariance, and "
+            "self-attention is not invariant, since its output rows move with the tokens. "
+            "Permute layer(x) too: layer(x)[..., perm, :].",
+        ),
+        (
+            _gap(moved, layer(x)[..., inverse, :]),
+            "applies the inverse permutation on one side: reorder the input and the output "
+            "the same way, layer(x[..., perm, :]) against layer(x)[..., perm, :].",
+        ),
+        (
+            _gap(layer(x[..., inverse, :]), layer(x)[..., perm, :]),
+            "applies the inverse permutation on one side: reorder the input and the output "
+            "the same way, layer(x[..., perm, :]) against layer(x)[..., perm, :].",
+        ),
+        (
+            (moved - layer(x)[..., perm, :]).max().item(),
+            "returns the largest signed difference: take the absolute value first "
+            "(.abs().max()), since the outputs can differ in either direction.",
+        ),
+        (
+            (moved - layer(x)[..., perm, :]).abs().mean().item(),
+            "returns the mean absolute difference: the task asks for the largest, .max().",
+        ),
+    ]
+    for value, message in candidates:
+        if abs(value - expected) > tolerance and abs(got - value) <= 1e-6 + 1e-4 * abs(value):
+            fail(f"On {label}, your permutation_gap {message}")
+    fail(
+        f"On {label}, your permutation_gap returned {got:.4g}; the largest absolute difference "
+        f"between layer(x[..., perm, :]) and layer(x)[..., perm, :] is {expected:.4g}."
+    )
+
+
+@exercise("1.3", "Positions break permutation-equivariance")
+def check_positions(permutation_gap, add_positions):
+    example = "check_positions(permutation_gap, add_positions)"
+    expect_callable(permutation_gap, "your permutation_gap function first", example)
+    expect_callable(add_positions, "your add_positions function second", example)
+    generator = torch.Generator().manual_seed(15)
+
+    # add_positions: (batch, L, d_model, rows in the table, dtype)
+    for batch, length, d_model, max_length, dtype in [
+        ((2,), 5, 6, 9, torch.float32),
+        ((), 4, 4, 4, torch.float32),
+        ((2, 3), 1, 5, 8, torch.float32),
+        ((3,), 6, 7, 10, torch.float64),
+    ]:
+        _check_add_positions(add_positions, batch, length, d_model, max_length, dtype, generator)
+
+    # permutation_gap: a rotation (not its own inverse) on layers with a known gap.
+    d_model, length = 6, 5
+    w_q, w_k, w_v = (_weight(d_model, d_model, generator) for _ in range(3))
+    attend = _self_attention_layer(w_q, w_k, w_v)
+    table = _random(8, d_model, generator=generator)
+    x = _random(2, length, d_model, generator=generator)
+    perm = torch.roll(torch.arange(length), 2)  # [3, 4, 0, 1, 2]
+    plain = _check_gap(permutation_gap, attend, x, perm, "plain self-attention")
+    positioned = _check_gap(
+        permutation_gap,
+        lambda x: attend(x + table[: x.shape[-2]]),
+        x,
+        perm,
+        "self-attention with positions added",
+    )
+    # the signed differences of these two are opposite: one of them tells max from abs max
+    _check_gap(permutation_gap, lambda x: x.flip(-2), x, perm, "a layer that reverses the tokens")
+    _check_gap(permutation_gap, lambda x: -x.flip(-2), x, perm, "a layer that reverses and negates")
+    assert plain < 1e-9 < 1e-3 < positioned  # the check's own layers behave as described
+
+    # Both functions together: positions added by the student's code break the symmetry.
+    what = "permutation_gap"
+    gap = _as_number(
+        call(
+            permutation_gap,
+            lambda x: attend(add_positions(x, table)),
+            x,
+            perm,
+            what="permutation_gap on self-attention after your add_positions",
+        ),
+        what,
+    )
+    if abs(gap - positioned) > 1e-6 + 1e-4 * positioned:
+        fail(
+            "Each function passed on its own, but permutation_gap(layer, x, perm) with "
+            "layer(x) = attention(add_positions(x, table)) gives another gap than expected: "
+            "does add_positions depend on anything but x.shape[-2] and the table?"
+        )

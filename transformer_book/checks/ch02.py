@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attention import scaled_dot_product_attention
 from ._core import (
     CheckFailure,
     call,
@@ -25,6 +24,7 @@ from ._core import (
     forbidden,
     same,
 )
+from ._scratch import attention_functions, refused_calls
 
 # PyTorch's softmax, kept before any patching (exercise 2.1 forbids it to the student).
 _softmax = torch.softmax
@@ -84,6 +84,14 @@ def _call_softmax(softmax, x: torch.Tensor, dim: int) -> torch.Tensor:
         try:
             y = call(softmax, x, dim=dim, what=f"stable_softmax(x, dim={dim})")
         except CheckFailure as failure:
+            if isinstance(failure.__cause__, TypeError) and "return_types" in str(
+                failure.__cause__
+            ):
+                fail(
+                    f"{failure} x.max(dim=...) returns a pair (values, indices), not a "
+                    "tensor: use x.amax(dim=dim, keepdim=True) or x.max(dim=dim, "
+                    "keepdim=True).values."
+                )
             if isinstance(failure.__cause__, RuntimeError) and "size of tensor" in str(
                 failure.__cause__
             ):
@@ -167,6 +175,12 @@ def check_stable_softmax(softmax):
             if same(y, _softmax(x, dim=other)):
                 fail(f"stable_softmax(x, dim={dim}) on a (2, 3, 4) input normalizes over dim "
                      f"{other}: use `dim` in every reduction (amax and sum).")
+        for other in range(x.dim()):
+            if same(y, _softmax_with_max_over(x, dim, other)):
+                fail(f"stable_softmax(x, dim={dim}) on a (2, 3, 4) input subtracts the max "
+                     f"along dim {other} but sums along dim {dim}: the shift must be the same "
+                     "for every entry along `dim`, or it changes the softmax; use "
+                     "x.amax(dim=dim, keepdim=True) with the same `dim` as the sum.")
         expect_close(y, expected, f"stable_softmax(x, dim={dim}) differs from torch.softmax on a "
                      "(2, 3, 4) input")
 
@@ -180,10 +194,19 @@ def check_stable_softmax(softmax):
          "an entry of -inf (a masked score) must get weight 0"),
         (torch.tensor([[3.0], [-7.0]]),
          "along a dim of length 1 every weight is 1"),
+        (torch.tensor([[0.0, 1.0, 2.0], [-200.0, -201.0, -199.0]]),
+         "rows of very different scale each need their own shift"),
     ]
     for x, problem in extremes:
         y = _call_softmax(softmax, x, -1)
         expected = _softmax(x, dim=-1)
+        global_shift = (x - x.max()).exp()
+        global_shift = global_shift / global_shift.sum(dim=-1, keepdim=True)
+        if not same(y, expected) and same(y, global_shift, equal_nan=True):
+            fail(f"stable_softmax(x) for x = {x.tolist()} gives NaN in a row far below the "
+                 "others: you subtract one maximum for the whole tensor (x.max()), so every "
+                 "exp in that row underflows to 0 and the row is 0 / 0; subtract the max of "
+                 "each row along dim, x.amax(dim=dim, keepdim=True).")
         _reject_nonfinite(
             y,
             f"stable_softmax(x) for x = {x.tolist()}",
@@ -227,168 +250,170 @@ _AFTER = (
     "the rows no longer sum to 1: the mask was applied after the softmax, which zeroes the "
     "hidden weights but leaves the others too small; mask the scores before normalizing."
 )
-_NAN_ROW = (
-    "a row whose mask is all False (a query with no allowed key) gives NaN: with -inf "
-    "scores the softmax computes -inf - (-inf) or 0 / 0; fill hidden scores with the most "
-    "negative finite float (torch.finfo(dtype).min) and set the weights of such a row to 0."
-)
-_UNIFORM_ROW = (
-    "a row whose mask is all False gets the same weight on every key, so that query "
-    "averages exactly the keys it was told to ignore: set the weights of such a row to 0 "
-    "after the softmax."
+_FROM_SCRATCH = (
+    "your local_attention calls a ready-made attention function (the book's "
+    "scaled_dot_product_attention or PyTorch's F.scaled_dot_product_attention): the exercise "
+    "is to write the attention step yourself (scores, scale, mask, softmax, weighted sum)."
 )
 
 
+def _window_reference(length: int, window: int) -> torch.Tensor:
+    """(L, L) bool, True where |i - j| <= window."""
+    positions = torch.arange(length)
+    return (positions[:, None] - positions[None, :]).abs() <= window
 
 
-def _reference_attention(query, key, value, mask=None, temperature=1.0):
-    """softmax(Q K^T / (temperature sqrt(d_k))) V via the package (zero rows when empty)."""
-    return scaled_dot_product_attention(query / temperature, key, value, mask=mask)
+def _window_mistakes(length: int, window: int):
+    """(wrong (L, L) mask, what it shows) for the usual ways to build the band wrongly."""
+    positions = torch.arange(length)
+    offset = positions[:, None] - positions[None, :]  # i - j
+    band = offset.abs() <= window
+    return [
+        (~band, "it is True outside the window and False inside: in this course True means "
+         "'may attend', so the band |i - j| <= window is True."),
+        ((offset >= 0) & (offset <= window), "it only looks back (keys i - window ... i, a "
+         "causal window): the window is two-sided, |i - j| <= window."),
+        ((offset <= 0) & (offset >= -window), "it only looks ahead (keys i ... i + window): "
+         "the window is two-sided, |i - j| <= window."),
+        (offset.abs() < window, "it uses |i - j| < window, which leaves out the edges of the "
+         "window: a query sees `window` keys on each side, |i - j| <= window."),
+        (offset.abs() <= window + 1, "it lets one key too many in on each side: "
+         "|i - j| <= window, not window + 1."),
+        (torch.ones(length, length, dtype=torch.bool), "it is True everywhere: the window "
+         "has no effect."),
+        (torch.eye(length, dtype=torch.bool), "only the diagonal is True: each query sees "
+         "itself alone, whatever the window."),
+    ]
 
 
-def _call_attention(attention, query, key, value, mask=None, temperature=1.0):
-    tensors = [query, key, value] + ([] if mask is None else [mask])
-    before = [t.detach().clone() for t in tensors]
-    result = call(attention, query, key, value, mask=mask, temperature=temperature,
-                  what="attention_with_temperature(query, key, value, mask, temperature)")
-    for name, old, new in zip(["query", "key", "value", "mask"], before, tensors):
+def _check_window_mask(local_window_mask, length: int, window: int) -> None:
+    what = f"local_window_mask({length}, {window})"
+    got = expect_tensor(call(local_window_mask, length, window, what=what), what)
+    expect_shape(got, (length, length), f"the mask returned by {what}")
+    expected = _window_reference(length, window)
+    if got.dtype != torch.bool:
+        if torch.equal(got.detach().to(torch.float64), expected.to(torch.float64)):
+            fail(
+                f"{what} returns dtype {got.dtype}: return a bool tensor (e.g. a comparison "
+                "such as `<=`). PyTorch adds a float mask to the scores instead of hiding keys."
+            )
+        fail(f"{what} returns dtype {got.dtype}; expected a bool tensor, True = may attend.")
+    if torch.equal(got, expected):
+        return
+    for wrong, message in _window_mistakes(length, window):
+        if torch.equal(got, wrong):
+            fail(f"{what}: {message}")
+    fail(f"{what} differs from the band |i - j| <= window (True = query i may attend to key j).")
+
+
+def _call_local(local_attention, query, key, value, window):
+    what = f"local_attention(query, key, value, window={window})"
+    before = [t.detach().clone() for t in (query, key, value)]
+    with refused_calls([local_attention], attention_functions(), _FROM_SCRATCH):
+        result = call(local_attention, query, key, value, window, what=what)
+    for name, old, new in zip(["query", "key", "value"], before, (query, key, value)):
         expect_unchanged(old, new.detach(), name)
     if not (isinstance(result, tuple) and len(result) == 2):
-        fail("attention_with_temperature should return a tuple (output, weights), like "
+        fail("local_attention should return a tuple (output, weights), like "
              f"scaled_dot_product_attention; it returned a {type(result).__name__}.")
     output, weights = (expect_tensor(t, name) for t, name in zip(result, ["output", "weights"]))
-    lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    out_shape = (*lead, query.shape[-2], value.shape[-1])
-    weights_shape = (*lead, query.shape[-2], key.shape[-2])
+    length = query.shape[-2]
+    out_shape = (*query.shape[:-2], length, value.shape[-1])
+    weights_shape = (*query.shape[:-2], length, length)
     if tuple(output.shape) == weights_shape and tuple(weights.shape) == out_shape != weights_shape:
         fail("the two results are in the wrong order: return (output, weights).")
-    expect_shape(weights, weights_shape, "the weights")
-    expect_shape(output, out_shape, "the output")
+    expect_shape(weights, weights_shape, f"the weights of {what}")
+    expect_shape(output, out_shape, f"the output of {what}")
     return output, weights
 
 
-def _weights_candidates(query, key, mask, temperature):
-    """(wrong weights, message) for the usual scaling, axis, temperature and mask mistakes."""
-    d_k = query.shape[-1]
-    raw = query @ key.transpose(-2, -1)
-    full = torch.ones(raw.shape, dtype=torch.bool) if mask is None else mask
+def _local_weights_candidates(query, key, window):
+    """(wrong weights, message) for the usual scaling, axis and mask mistakes."""
+    d_k, length = query.shape[-1], query.shape[-2]
+    raw = query @ key.transpose(-2, -1)  # (..., L, L)
+    band = _window_reference(length, window)
+    right = raw / d_k**0.5
 
-    def weights(scores, m=full, dim=-1):
-        if dim == -1:
-            return _reference_masked_softmax(scores, m)
-        return _reference_masked_softmax(scores.mT, m.mT).mT
+    def masked(scores, allowed=band):
+        return _reference_masked_softmax(scores, allowed)
 
-    tau = temperature
-    right = raw / (tau * d_k**0.5)
-    return [
-        (weights(raw / tau), f"the weights match softmax(QK^T / temperature) without the "
-         f"1/sqrt(d_k) scale: divide the scores by sqrt(d_k) (here sqrt({d_k}))."),
-        (weights(raw / (tau * d_k)), f"the weights match softmax(QK^T / (temperature * d_k)): "
-         f"the scale is 1/sqrt(d_k), not 1/d_k (here 1/sqrt({d_k}), not 1/{d_k})."),
-        (weights(raw * d_k**0.5 / tau), "the weights match the scores multiplied by sqrt(d_k): "
+    candidates = [
+        (masked(raw), f"the weights match softmax(QK^T) without the 1/sqrt(d_k) scale: divide "
+         f"the scores by sqrt(d_k) (here sqrt({d_k}))."),
+        (masked(raw / d_k), f"the weights match the scores divided by d_k: the scale is "
+         f"1/sqrt(d_k), not 1/d_k (here 1/sqrt({d_k}), not 1/{d_k})."),
+        (masked(raw * d_k**0.5), "the weights match the scores multiplied by sqrt(d_k): "
          "divide by sqrt(d_k) instead."),
-        (weights(right, dim=-2), "the weights sum to 1 over the queries (dim -2), not over the "
-         "keys: take the softmax over the last dim."),
-        (weights(raw * tau / d_k**0.5), f"the weights match the scores multiplied by the "
-         f"temperature ({tau}): divide by it (a temperature below 1 sharpens, above 1 "
-         "flattens)."),
-        (weights(raw / d_k**0.5), f"the temperature ({tau}) has no effect on your weights: "
-         "divide the scores by temperature * sqrt(d_k)."),
-        (weights(raw / d_k**0.5) / tau, "the weights are softmax(QK^T / sqrt(d_k)) / "
-         "temperature: the temperature divides the scores, before the softmax."),
-        (weights(right, ~full), _INVERTED),
-        (weights(right, torch.ones_like(full)) * full, _AFTER),
-        (weights(right, torch.ones_like(full)), "the mask has no effect: hidden keys still get "
-         "weight."),
+        (masked(right.mT, band.mT).mT, "the weights sum to 1 over the queries (dim -2), not "
+         "over the keys: take the softmax over the last dim."),
+        (masked(right, ~band), _INVERTED),
+        (_softmax(right, dim=-1) * band, _AFTER),
+        (_softmax(right, dim=-1), "the window has no effect: keys outside |i - j| <= window "
+         "still get weight. Hide their scores before the softmax."),
     ]
+    for wrong, message in _window_mistakes(length, window)[1:5]:
+        candidates.append((masked(right, wrong), "your attention uses the wrong window: " + message))
+    return candidates
 
 
-@exercise("2.2", "Attention with a temperature")
-def check_attention_with_temperature(attention):
-    """Compare with F.scaled_dot_product_attention(scale=1 / (temperature sqrt(d_k)))."""
-    expect_callable(attention, "your attention function",
-                    "check_attention_with_temperature(attention_with_temperature)")
+def _local_case(local_attention, lead, length, d_k, d_v, window, seed, dtype=torch.float32):
+    label = (f"with query {(*lead, length, d_k)}, value {(*lead, length, d_v)} and "
+             f"window {window}")
+    query = _randn(*lead, length, d_k, seed=seed, dtype=dtype).requires_grad_()
+    key = _randn(*lead, length, d_k, seed=seed + 1, dtype=dtype)
+    value = _randn(*lead, length, d_v, seed=seed + 2, dtype=dtype)
+    output, weights = _call_local(local_attention, query, key, value, window)
+    band = _window_reference(length, window)
+    with torch.no_grad():
+        scores = query @ key.transpose(-2, -1) / d_k**0.5
+        expected_weights = _reference_masked_softmax(scores, band)
+        expected_output = F.scaled_dot_product_attention(query, key, value, attn_mask=band)
+    atol, rtol = (1e-10, 1e-8) if dtype == torch.float64 else (1e-5, 1e-4)
+    if torch.isnan(weights).any() or torch.isnan(output).any():
+        if not (~band).any(dim=-1).all():  # an inverted band leaves some query no key
+            diagnose(torch.nan_to_num(weights.detach()), [(
+                _reference_masked_softmax(scores, ~band), _INVERTED)])
+        fail(f"{label}: your result contains NaN.")
+    if not same(weights, expected_weights, atol, rtol):
+        diagnose(weights, _local_weights_candidates(query.detach(), key, window))
+        expect_close(weights, expected_weights, f"{label}: the weights differ from "
+                     "softmax(QK^T / sqrt(d_k)) over the keys with |i - j| <= window", atol, rtol)
+    if not same(output, expected_output, atol, rtol):
+        diagnose(output, [(expected_weights @ key if d_k == d_v else None,
+                           "the weights are right but the output averages the keys: "
+                           "output = weights @ value.")])
+        expect_close(output, expected_output, f"{label}: the weights are right but the output "
+                     "is not weights @ value", atol, rtol)
+    if output.dtype != dtype:
+        fail(f"local_attention returns {output.dtype} for {dtype} inputs: keep their dtype.")
+    if not output.requires_grad:
+        fail("the output of local_attention carries no gradient: is it computed under "
+             "torch.no_grad(), or from .detach()/.data?")
+    (grad,) = torch.autograd.grad(output.sum(), query)
+    _reject_nonfinite(grad, "the gradient with respect to `query`", "is a score filled with "
+                      "-inf in a row that has no allowed key?")
 
-    def compare(query, key, value, mask, temperature, label, atol=1e-5, rtol=1e-4):
-        output, weights = _call_attention(attention, query, key, value, mask, temperature)
-        expected_output, expected_weights = _reference_attention(query, key, value, mask,
-                                                                 temperature)
-        if torch.isnan(weights).any() or torch.isnan(output).any():
-            if mask is not None and not mask.any(dim=-1).all():
-                fail(_NAN_ROW)
-            fail(f"{label}: your result contains NaN.")
-        if not same(weights, expected_weights, atol, rtol):
-            diagnose(weights, _weights_candidates(query, key, mask, temperature))
-            if mask is not None and same(weights.sum(-1), torch.ones(weights.shape[:-1])):
-                empty = ~mask.expand(weights.shape).any(dim=-1)
-                if empty.any() and torch.allclose(weights[empty], weights[empty].mean()):
-                    fail(_UNIFORM_ROW)
-            expect_close(weights, expected_weights, f"{label}: the weights differ from "
-                         "softmax(QK^T / (temperature * sqrt(d_k))) with the mask applied",
-                         atol, rtol)
-        if not same(output, expected_output, atol, rtol):
-            expect_close(output, expected_output, f"{label}: the weights are right but the "
-                         "output is not weights @ value", atol, rtol)
-        if mask is None or mask.any(dim=-1).all():  # PyTorch's own, where it is defined
-            scale = 1 / (temperature * query.shape[-1] ** 0.5)
-            theirs = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                    scale=scale)
-            expect_close(output, theirs, f"{label}: the output differs from "
-                         "F.scaled_dot_product_attention(..., scale=1 / (temperature * "
-                         "sqrt(d_k)))", atol, rtol)
-        return output
 
-    # 1. No mask, temperature 1: the chapter's attention.
-    q, k, v = _randn(5, 8, seed=30), _randn(6, 8, seed=31), _randn(6, 3, seed=32)
-    compare(q, k, v, None, 1.0, "with L_q=5, L_k=6, d_k=8, no mask, temperature 1")
+@exercise("2.2", "A local-window mask")
+def check_local_attention(local_window_mask, local_attention):
+    """The band mask, then attention with it, compared with F.scaled_dot_product_attention."""
+    example = "check_local_attention(local_window_mask, local_attention)"
+    expect_callable(local_window_mask, "your mask function first", example)
+    expect_callable(local_attention, "your attention function second", example)
+    for length, window in [(7, 2), (6, 1), (5, 0), (4, 10), (1, 0), (8, 3)]:
+        _check_window_mask(local_window_mask, length, window)
 
-    # 2. Temperatures below and above 1.
-    for tau in (0.5, 2.0):
-        compare(q, k, v, None, tau, f"with temperature {tau}")
-
-    # 3. A mask, with and without a temperature.
-    mask = _random_mask(5, 6, seed=33)
-    for tau in (1.0, 0.5):
-        compare(q, k, v, mask, tau, f"with a (5, 6) mask and temperature {tau}")
-
-    # 4. A query with no allowed key: zero weights, zero output, finite gradients.
-    mask = _random_mask(5, 6, seed=34)
-    mask[2] = False
-    q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
-    output = compare(q_, k_, v_, mask, 1.0, "with row 2 of the mask all False")
-    grads = torch.autograd.grad((output * _randn(5, 3, seed=35)).sum(), (q_, k_, v_),
-                                allow_unused=True)
-    for name, grad in zip(["query", "key", "value"], grads):
-        if grad is None:
-            fail(f"no gradient reaches `{name}`: is part of the computation detached?")
-        _reject_nonfinite(grad, f"the gradient with respect to `{name}` when one query has no "
-                          "allowed key", "the forward values are fine, but a NaN made along the "
-                          "way (-inf scores, a 0 / 0 patched with nan_to_num) is still in the "
-                          "backward pass; fill hidden scores with torch.finfo(dtype).min, as the "
-                          "chapter does, then zero the weights of empty rows.")
-
-    # 5. Leading dims, broadcast masks, L_q != L_k, length 1, d_k not a power of two, float64.
-    cases = [  # (query lead, key/value lead, mask shape, L_q, L_k, d_k, d_v, temperature)
-        ((2,), (2,), None, 3, 7, 5, 4, 1.5),
-        ((2, 3), (2, 3), (4, 6), 4, 6, 12, 2, 0.7),
-        ((2, 3), (2, 3), (2, 1, 1, 6), 4, 6, 12, 2, 1.0),
-        ((2, 1), (1, 3), (3, 1, 5), 3, 5, 6, 3, 1.0),
-        ((), (), (1, 1), 1, 1, 3, 2, 0.25),
-        ((4,), (4,), (1, 9), 1, 9, 16, 8, 3.0),
+    cases = [  # (leading dims, L, d_k, d_v, window)
+        ((2, 3), 7, 5, 5, 2),
+        ((2,), 6, 8, 3, 1),
+        ((), 5, 4, 2, 0),
+        ((3,), 4, 16, 8, 10),
+        ((1,), 1, 3, 2, 0),
+        ((2,), 9, 12, 4, 3),
     ]
-    for seed, (q_lead, kv_lead, mask_shape, L_q, L_k, d_k, d_v, tau) in enumerate(cases):
-        query = _randn(*q_lead, L_q, d_k, seed=100 + seed)
-        key = _randn(*kv_lead, L_k, d_k, seed=200 + seed)
-        value = _randn(*kv_lead, L_k, d_v, seed=300 + seed)
-        mask = None if mask_shape is None else _random_mask(*mask_shape, seed=400 + seed)
-        compare(query, key, value, mask, tau,
-                f"with query {tuple(query.shape)}, key {tuple(key.shape)}, value "
-                f"{tuple(value.shape)}, mask {mask_shape}, temperature {tau}")
-    query, key, value = (_randn(2, n, 6, seed=500 + n, dtype=torch.float64) for n in (3, 4, 4))
-    mask = _random_mask(3, 4, seed=501)
-    output = compare(query, key, value, mask, 0.8, "in float64", atol=1e-10, rtol=1e-8)
-    if output.dtype != torch.float64:
-        fail(f"your function returns {output.dtype} for float64 inputs: keep their dtype.")
+    for seed, (lead, length, d_k, d_v, window) in enumerate(cases):
+        _local_case(local_attention, lead, length, d_k, d_v, window, seed=100 + 10 * seed)
+    _local_case(local_attention, (2,), 6, 6, 3, 2, seed=200, dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- exercise 2.3

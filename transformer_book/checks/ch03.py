@@ -30,6 +30,7 @@ from ._core import (
     fail,
     same,
 )
+from ._scratch import attention_functions, refused_calls
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -417,6 +418,38 @@ def _expect_value_error(cls, name, d_model, num_heads):
     )
 
 
+def _training_mode(module, args, ref_out, ref_w, what):
+    """The exercises have no dropout: training mode must compute what eval mode computes."""
+    module.train()
+    try:
+        output = call(module, *args, what=f"{what} in training mode")
+    finally:
+        module.eval()
+    weights = getattr(module, "attention_weights", None)
+    if isinstance(weights, torch.Tensor) and weights.shape == ref_w.shape:
+        sums = weights.detach().double().sum(-1)
+        if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
+            fail(
+                "In training mode (module.train()) the rows of self.attention_weights do not "
+                "sum to 1: the weights were stored after a dropout. Store them after the "
+                "softmax and before any dropout (and this exercise asks for no dropout)."
+            )
+    if not _close(output, ref_out.detach().double()):
+        fail(
+            "Your module is right in eval mode but its output differs in training mode "
+            "(module.train()): is there a dropout, on the attention weights or elsewhere? "
+            "This exercise has no dropout, so both modes compute the same function."
+        )
+
+
+_FROM_SCRATCH = (
+    "your module calls a ready-made attention function (the book's "
+    "scaled_dot_product_attention or PyTorch's F.scaled_dot_product_attention): this "
+    "exercise asks you to write the attention step yourself (scores, scale, mask, softmax, "
+    "weighted sum)."
+)
+
+
 # -------------------------------------------------------- exercise 3.2: fused projection
 
 # (batch, L, d_model, num_heads, bias, mask kind)
@@ -476,17 +509,25 @@ def _fused_case(cls, batch, length, d_model, num_heads, bias, mask_kind, generat
     ref_out, ref_w = theirs(x, x, x, attn_mask=attn_mask, average_attn_weights=False)
     args = (x,) if mask is None else (x, mask)
     what = f"{name}.forward (x {_fmt(x.shape)}, mask {mask_kind})"
-    output = call(ours, *args, what=what)
+    with refused_calls([cls], attention_functions(), _FROM_SCRATCH):
+        output = call(ours, *args, what=what)
     expect_shape(output, (batch, length, d_model), f"The output of {what}")
 
     def project(x, weight, bias_):
         y = x.double() @ weight.double().T
         return y if bias_ is None else y + bias_.double()
 
-    def variant(out_proj=True, split_bug=False, merge_bug=False, order=(0, 1, 2), **attend):
+    def variant(
+        out_proj=True, split_bug=False, merge_bug=False, order=(0, 1, 2), per_head=False,
+        **attend,
+    ):
         with torch.no_grad():
             qkv = project(x, theirs.in_proj_weight, theirs.in_proj_bias)  # (B, L, 3 * d_model)
-            parts = qkv.chunk(3, dim=-1)  # q, k, v, each (B, L, d_model)
+            if per_head:  # read as (B, L, heads, 3, d_head): q, k, v interleaved per head
+                parts = qkv.reshape(batch, length, num_heads, 3, -1).unbind(dim=3)
+                parts = [p.reshape(batch, length, d_model) for p in parts]
+            else:
+                parts = qkv.chunk(3, dim=-1)  # q, k, v, each (B, L, d_model)
             q, k, v = (_split(parts[i], num_heads, split_bug) for i in order)
             heads, weights = _attend(q, k, v, mask, d_model, **attend)
             merged = _merge(heads, merge_bug)  # (B, L, d_model)
@@ -505,6 +546,9 @@ def _fused_case(cls, batch, length, d_model, num_heads, bias, mask_kind, generat
         "Check the order: project, cut into q, k, v, split heads, scaled dot-product "
         "attention per head, merge, w_o.",
     )
+
+    with refused_calls([cls], attention_functions(), _FROM_SCRATCH):
+        _training_mode(ours, args, ref_out, ref_w, what)
 
     # gradients reach the input and the fused weight as in PyTorch's module
     grad_out = torch.randn(batch, length, d_model, generator=generator)
@@ -530,7 +574,14 @@ def _fused_case(cls, batch, length, d_model, num_heads, bias, mask_kind, generat
 
 
 def _fused_layout_mistakes(output, variant):
-    """Mistakes in cutting w_qkv's output into q, k and v: the wrong order."""
+    """Mistakes in cutting w_qkv's output into q, k and v: the wrong layout or order."""
+    if _close(output, attempt(lambda: variant(per_head=True)[0])):
+        fail(
+            "Your output matches w_qkv's output read as (batch, L, num_heads, 3, d_head), "
+            "with q, k and v interleaved head by head. The packed layout (that of "
+            "nn.MultiheadAttention's in_proj_weight) is all of q, then all of k, then all "
+            "of v: reshape to (batch, L, 3, num_heads, d_head)."
+        )
     names = "qkv"
     for order in itertools.permutations(range(3)):
         if order == (0, 1, 2):
@@ -623,7 +674,12 @@ def _mqa_case(cls, batch, lq, lk, d_model, num_heads, bias, mask_kind, generator
     with torch.no_grad():
         ref_out, ref_w = theirs(query, key, value, attn_mask=attn_mask, average_attn_weights=False)
     what = f"{name}.forward (query {_fmt(query.shape)}, key {_fmt(key.shape)}, mask {mask_kind})"
-    output = call(ours, query, key, value, mask, what=what)
+    try:
+        output = call(ours, query, key, value, mask, what=what)
+    except CheckFailure as failure:
+        if isinstance(failure.__cause__, RuntimeError) and lq != lk:
+            _inputs_from_query(ours, query, generator)
+        raise
     expect_shape(output, (batch, lq, d_model), f"The output of {what}")
 
     def project(layer, x):
@@ -641,6 +697,8 @@ def _mqa_case(cls, batch, lq, lk, d_model, num_heads, bias, mask_kind, generator
             return (project(w_o, merged) if out_proj else merged), weights
 
     reference = (ref_out.double(), ref_w.double())
+    if _close(output, reference[0]):
+        _training_mode(ours, (query, key, value, mask), ref_out, ref_w, what)
     if batch == num_heads and not _close(output, reference[0]):
         if _close(output, attempt(lambda: variant(kv_by_batch=True)[0])):
             fail(
@@ -658,3 +716,30 @@ def _mqa_case(cls, batch, lq, lk, d_model, num_heads, bias, mask_kind, generator
         "your w_k and w_v. Check: queries split into heads, one key and one value head "
         "broadcast over the query heads, scale 1/sqrt(d_head), merge, w_o.",
     )
+
+
+def _inputs_from_query(module, query, generator):
+    """After a crash with Lq != Lk: name keys or values computed from the query."""
+    shape = query.shape
+
+    def run(*args):
+        try:
+            with torch.no_grad():
+                return module(*args)
+        except Exception:  # noqa: BLE001 - a probe: any crash means "cannot tell"
+            return None
+
+    key, value = (torch.randn(shape, generator=generator) for _ in range(2))
+    base = run(query, key, value)
+    if isinstance(base, torch.Tensor):
+        for name, args in (
+            ("key", (query, torch.randn(shape, generator=generator), value)),
+            ("value", (query, key, torch.randn(shape, generator=generator))),
+        ):
+            changed = run(*args)
+            if isinstance(changed, torch.Tensor) and torch.equal(changed, base):
+                fail(
+                    f"Your module crashed when key and value are longer than query (Lq != Lk), "
+                    f"and its output does not depend on `{name}`: the {name}s are computed from "
+                    f"`query`. Project `key` with w_k and `value` with w_v."
+                )
