@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from notebook_code import namespace
 
-from transformer_book import causal_mask, padding_mask
+from transformer_book import Transformer, causal_mask, padding_mask
 from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch07 import (
     check_beam_search,
@@ -622,3 +622,15 @@ CLASSIFIER_MISTAKES = {
 def test_encoder_classifier_names_the_mistake(wrong, message):
     with pytest.raises(CheckFailure, match=message):
         check_encoder_classifier(wrong)
+
+
+def test_beam_search_is_also_run_on_the_chapters_transformer():
+    right, greedy = _beam(), _beam()
+
+    def beam_search(model, src, bos_id, eos_id, max_len, beam_size):
+        if isinstance(model, Transformer):  # right on the check's lookup models only
+            return greedy(model, src, bos_id, eos_id, max_len, 1)
+        return right(model, src, bos_id, eos_id, max_len, beam_size)
+
+    with pytest.raises(CheckFailure, match="on the chapter's Transformer .* beam search returns"):
+        check_beam_search(beam_search)

@@ -239,5 +239,62 @@ NOTEBOOKS = {
                 }
             ]
         }
+    ],
+    "07_full_transformer.ipynb": [
+        {
+            "source": "check_sinusoidal_encoding(sinusoidal_encoding)",
+            "exercises": [
+                {
+                    "check": "check_sinusoidal_encoding",
+                    "module": "transformer_book.checks.ch07",
+                    "number": "7.1",
+                    "title": "Sinusoidal positions for any position tensor"
+                }
+            ]
+        },
+        {
+            "source": "check_label_smoothed_cross_entropy(label_smoothed_cross_entropy)",
+            "exercises": [
+                {
+                    "check": "check_label_smoothed_cross_entropy",
+                    "module": "transformer_book.checks.ch07",
+                    "number": "7.2",
+                    "title": "Label-smoothed cross-entropy that ignores padding"
+                }
+            ]
+        },
+        {
+            "source": "check_decoder_batch(make_decoder_batch)",
+            "exercises": [
+                {
+                    "check": "check_decoder_batch",
+                    "module": "transformer_book.checks.ch07",
+                    "number": "7.3",
+                    "title": "The decoder input, target and mask of a batch"
+                }
+            ]
+        },
+        {
+            "source": "check_beam_search(beam_search)",
+            "exercises": [
+                {
+                    "check": "check_beam_search",
+                    "module": "transformer_book.checks.ch07",
+                    "number": "7.4",
+                    "title": "Beam search"
+                }
+            ]
+        },
+        {
+            "source": "check_encoder_classifier(EncoderClassifier)",
+            "exercises": [
+                {
+                    "check": "check_encoder_classifier",
+                    "module": "transformer_book.checks.ch07",
+                    "number": "7.5",
+                    "title": "An encoder-only classifier"
+                }
+            ]
+        }
     ]
 }
