@@ -634,3 +634,17 @@ def test_beam_search_is_also_run_on_the_chapters_transformer():
 
     with pytest.raises(CheckFailure, match="on the chapter's Transformer .* beam search returns"):
         check_beam_search(beam_search)
+
+
+def test_cross_entropy_imported_by_name_is_refused_too():
+    namespace = {}
+    exec(
+        "from torch.nn.functional import cross_entropy\n"
+        "def label_smoothed_cross_entropy(logits, target, smoothing=0.1, ignore_index=-100):\n"
+        "    return cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),\n"
+        "                         label_smoothing=smoothing, ignore_index=ignore_index)\n",
+        namespace,
+    )
+    with pytest.raises(CheckFailure, match="calls F.cross_entropy"):
+        check_label_smoothed_cross_entropy(namespace["label_smoothed_cross_entropy"])
+    assert namespace["cross_entropy"] is F.cross_entropy
