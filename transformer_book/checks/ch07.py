@@ -765,7 +765,8 @@ def _score_mistake(score: float, model, src, tokens: list[int], label: str) -> N
             fail(f"{label}: {message}")
     fail(f"{label}: the score you return, {score:.5f}, is not the log-probability of the "
          f"tokens you return, {tokens} ({true_score:.5f}): the score is the sum of "
-         "log p(token | earlier tokens, src) over the tokens after BOS.")
+         "log p(token | earlier tokens, src) over the tokens after BOS, with p the softmax "
+         "of the model's logits over the whole vocabulary.")
 
 
 def _beam_cases():
