@@ -648,3 +648,27 @@ def test_cross_entropy_imported_by_name_is_refused_too():
     with pytest.raises(CheckFailure, match="calls F.cross_entropy"):
         check_label_smoothed_cross_entropy(namespace["label_smoothed_cross_entropy"])
     assert namespace["cross_entropy"] is F.cross_entropy
+
+
+def test_encoder_classifier_names_a_wrong_stack():
+    from transformer_book.model import Encoder
+
+    right = _classifier()
+
+    class WithEncoder(right):
+        def __init__(self, vocab_size, num_classes, d_model, num_heads, num_layers, d_ff,
+                     dropout=0.0, max_len=512, pad_id=0):
+            super().__init__(vocab_size, num_classes, d_model, num_heads, num_layers, d_ff,
+                             dropout, max_len, pad_id)
+            self.layers = Encoder(d_model, num_heads, d_ff, num_layers)
+
+    class OneLayerShort(right):
+        def __init__(self, vocab_size, num_classes, d_model, num_heads, num_layers, d_ff,
+                     dropout=0.0, max_len=512, pad_id=0):
+            super().__init__(vocab_size, num_classes, d_model, num_heads, num_layers - 1, d_ff,
+                             dropout, max_len, pad_id)
+
+    with pytest.raises(CheckFailure, match="it is Encoder"):
+        check_encoder_classifier(WithEncoder)
+    with pytest.raises(CheckFailure, match="holds 1 layers; num_layers=2"):
+        check_encoder_classifier(OneLayerShort)

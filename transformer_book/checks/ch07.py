@@ -917,9 +917,11 @@ def _classifier_parts(model, vocab, classes, d_model, layers, label):
     if not isinstance(embedding, nn.Embedding) or tuple(embedding.weight.shape) != (vocab, d_model):
         fail(f"{label}: `embedding` should be nn.Embedding({vocab}, {d_model}) (vocab_size, "
              f"d_model); it is {embedding}.")
-    if not isinstance(stack, nn.ModuleList) or len(stack) != layers:
-        fail(f"{label}: `layers` should be an nn.ModuleList of num_layers={layers} EncoderLayers; "
-             f"it is a {type(stack).__name__} of {len(list(stack.children()))}.")
+    if not isinstance(stack, nn.ModuleList):
+        fail(f"{label}: `layers` should be an nn.ModuleList of num_layers={layers} "
+             f"EncoderLayers; it is {type(stack).__name__}.")
+    if len(stack) != layers:
+        fail(f"{label}: `layers` holds {len(stack)} layers; num_layers={layers} were asked for.")
     if not all(isinstance(layer, EncoderLayer) for layer in stack):
         kinds = sorted({type(layer).__name__ for layer in stack})
         fail(f"{label}: `layers` holds {', '.join(kinds)}; use the chapter's EncoderLayer "
