@@ -60,7 +60,9 @@ class AddNorm(nn.Module):
 
 
 class PreNormResidual(nn.Module):
-    """Pre-LN residual connection (Xiong et al., 2020): x + dropout(sublayer(LayerNorm(x), ...)).
+    """Pre-LN residual connection: x + dropout(sublayer(LayerNorm(x), ...)).
+
+    Used by GPT-2 and Baevski & Auli (2019), analysed by Xiong et al. (2020).
 
     Extra positional and keyword arguments of forward are passed to the sublayer, which
     must return a tensor of the input's shape. The LayerNorm is .norm. A stack of these
