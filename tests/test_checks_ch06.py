@@ -89,9 +89,25 @@ def ln_detached_stats(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return _affine((x - mean) / torch.sqrt(var + eps), weight, bias)
 
 
+def ln_all_but_batch(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(1, x.dim()))  # WRONG: every dimension after the batch
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, keepdim=True, correction=0)
+    return _affine((x - mean) / torch.sqrt(var + eps), weight, bias)
+
+
+def ln_in_float32(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims, x32 = _dims(normalized_shape), x.float()  # WRONG for a float64 input
+    mean = x32.mean(dim=dims, keepdim=True)
+    var = x32.var(dim=dims, keepdim=True, correction=0)
+    return _affine(((x32 - mean) / torch.sqrt(var + eps)).to(x.dtype), weight, bias)
+
+
 @pytest.mark.parametrize(
     "wrong, message",
     [
+        (ln_all_but_batch, r"taken over dims \(1, 2\) of a 3-D input.*names the last 1, dims \(2,\)"),
+        (ln_in_float32, r"float64 input your output has only float32 precision"),
         (ln_unbiased, r"unbiased variance, divided by d - 1"),
         (ln_eps_outside, r"eps is added to the standard deviation"),
         (ln_no_eps, r"NaN .* is eps missing"),
@@ -437,6 +453,12 @@ class RMSSubclassesTorch(nn.RMSNorm):
     pass
 
 
+class RMSWeightFirst(RMSBase):
+    def forward(self, x):
+        xw = x * self.weight  # WRONG: scaled before the normalization
+        return xw / torch.sqrt((xw**2).mean(dim=-1, keepdim=True) + self.eps)
+
+
 class RMSInFloat32(RMSBase):
     def forward(self, x):
         x32 = x.float()  # WRONG for a float64 input
@@ -448,6 +470,7 @@ class RMSInFloat32(RMSBase):
     "wrong, message",
     [
         (RMSInFloat32, r"float64 input your output has only float32 precision"),
+        (RMSWeightFirst, r"weight is applied before the normalization"),
         (RMSCentered, r"subtracted the mean: that is LayerNorm"),
         (RMSSum, r"root of the SUM of squares"),
         (RMSEpsOutside, r"eps is added outside the square root"),

@@ -9,6 +9,7 @@ if the student's result matches one of them, names that mistake.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -179,6 +180,20 @@ def _layer_norm_mistakes(x, normalized_shape, weight, bias, eps):
                 f"variance per group of {d} values (reduce over dim=tuple(range(-{k}, 0))).",
             )
         )
+    # any other set of axes: name the ones used and the ones LayerNorm needs
+    for r in range(1, x.dim() + 1):
+        for axes in itertools.combinations(range(x.dim()), r):
+            if axes == dims:
+                continue
+            mistakes.append(
+                (
+                    affine(_normalize(x, axes, eps)),
+                    f"your mean and variance are taken over dims {axes} of a "
+                    f"{x.dim()}-D input, but normalized_shape = {tuple(normalized_shape)} names "
+                    f"the last {k}, dims {dims}: LayerNorm reduces over exactly those, "
+                    f"dim=tuple(range(-{k}, 0)), separately for every index of the others.",
+                )
+            )
     if weight is not None or bias is not None:
         x_hat = _normalize(x, dims, eps)
         mistakes += [
@@ -246,7 +261,17 @@ def check_layer_norm(layer_norm):
     y = _call_layer_norm(layer_norm, x, (10,))
     if y.dtype != torch.float64:
         fail(f"for a float64 input your output is {y.dtype}: keep the input's dtype (no .float()).")
-    expect_close(y, _reference_layer_norm(x, (10,)), "layer_norm differs from F.layer_norm in float64", atol=1e-10, rtol=1e-8)
+    expected = _reference_layer_norm(x, (10,))
+    if not same(y, expected, atol=1e-10, rtol=1e-8) and same(
+        y, _reference_layer_norm(x.float(), (10,)).double(), atol=1e-6, rtol=1e-5
+    ):
+        fail(
+            "for a float64 input your output has only float32 precision (it differs from the "
+            f"float64 result by {(y - expected).abs().max().item():.1e}): part of it is "
+            "computed in float32 (x.float(), a float32 constant or tensor). Compute in the "
+            "input's dtype."
+        )
+    expect_close(y, expected, "layer_norm differs from F.layer_norm in float64", atol=1e-10, rtol=1e-8)
 
     # gradients with respect to x, weight and bias
     x = _randn(3, 5, 6, seed=12, scale=2.0).requires_grad_()
@@ -622,6 +647,11 @@ def check_rms_norm(RMSNorm):  # noqa: N803 - the argument is a class
                 (
                     xd / torch.sqrt(ms + eps),
                     f"on {what} your output ignores weight: multiply the normalized x by it.",
+                ),
+                (
+                    xd * wd / torch.sqrt(((xd * wd) ** 2).mean(dim=-1, keepdim=True) + eps),
+                    f"on {what} weight is applied before the normalization, to x: it belongs "
+                    "after, y = weight * x / sqrt(mean(x**2) + eps), or the division undoes it.",
                 ),
                 (
                     _reference_rms_norm(xd, wd, 1e-6) if eps != 1e-6 else None,
