@@ -230,6 +230,13 @@ class OneBlockShort(DoubleSkip):
         return x
 
 
+class ReversedOrder(DoubleSkip):
+    def forward(self, x):
+        for block in reversed(self.blocks):
+            x = block(x)
+        return x
+
+
 class BlocksNotApplied(DoubleSkip):
     def forward(self, x):
         return x
@@ -254,6 +261,7 @@ class StackOfWrongBlocks(nn.Module):
         (DoubleSkip, "skip is added twice"),
         (OneBlockShort, "has 2 blocks, expected depth = 3"),
         (BlocksNotApplied, "returns its input unchanged: forward does not apply the blocks"),
+        (ReversedOrder, "applies its blocks in reverse order"),
         (StackOfWrongBlocks, "make check_residual_mlp_block pass first"),
     ],
 )

@@ -317,10 +317,12 @@ def check_residual_mlp(model_class):
         right = _stack_reference(model, x)
         if not same(out, right):
             with torch.no_grad():
-                chained, doubled = x, x
+                chained, doubled, backwards = x, x, x
                 for block in blocks:
                     chained = block(chained)
                     doubled = doubled + block(doubled)
+                for block in reversed(list(blocks)):
+                    backwards = block(backwards)
             diagnose(
                 out,
                 [
@@ -336,6 +338,11 @@ def check_residual_mlp(model_class):
                         "x + fc2(relu(fc1(x))): make check_residual_mlp_block pass first.",
                     ),
                     (x, f"{where} returns its input unchanged: forward does not apply the blocks."),
+                    (
+                        backwards,
+                        f"{where} applies its blocks in reverse order: the input goes through "
+                        "blocks[0] first, then blocks[1], and so on.",
+                    ),
                 ],
             )
             fail(
