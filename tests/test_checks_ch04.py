@@ -288,6 +288,17 @@ TORCH_MISTAKES = {
         _converted(lambda m, b, h, lq, lk: (~_flat(m, b, h, lq, lk)).float()),
         "comes from a float mask",
     ),
+    "key length taken from the query": (
+        lambda torch_mha, query, key, value, mask: torch_mha(
+            query,
+            key,
+            value,
+            attn_mask=~_flat(
+                mask, query.size(0), torch_mha.num_heads, query.size(1), query.size(1)
+            ),
+        )[0],
+        r"raised RuntimeError: .* Lq = 4 and Lk = 6: .*take Lk from key.size\(1\)",
+    ),
     "returns the tuple": (
         _converted(lambda m, b, h, lq, lk: ~_flat(m, b, h, lq, lk), returns_tuple=True),
         "returns a tuple",

@@ -481,7 +481,16 @@ def check_run_torch_mha(run_torch_mha):
             f"query {tuple(query.shape)}, key {tuple(key.shape)}, mask {tuple(mask.shape)}, "
             f"{heads} heads"
         )
-        got = call(run_torch_mha, mha, query, key, key, mask.clone(), what="run_torch_mha")
+        try:
+            got = call(run_torch_mha, mha, query, key, key, mask.clone(), what="run_torch_mha")
+        except CheckFailure as failure:
+            if q_len != k_len and isinstance(failure.__cause__, RuntimeError):
+                fail(
+                    f"{failure} Here the query and the keys have different lengths, "
+                    f"Lq = {q_len} and Lk = {k_len}: the mask is (batch * heads, Lq, Lk), "
+                    "so take Lk from key.size(1), not from the query."
+                )
+            raise
         if isinstance(got, tuple):
             fail(
                 f"your function returns a tuple (for {where}): nn.MultiheadAttention returns "
