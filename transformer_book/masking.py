@@ -19,6 +19,5 @@ def causal_mask(size, device=None):
 
     Query i may attend to keys j <= i.
     """
-    return torch.ones(
-        size, size, dtype=torch.bool, device=device
-    ).tril()  # (size, size)
+    ones = torch.ones(size, size, dtype=torch.bool, device=device)  # (size, size)
+    return ones.tril()  # True on and below the diagonal
