@@ -57,6 +57,12 @@ def _longest_only(lengths, max_len=None):
     return (torch.arange(int(lengths.max())) < lengths[:, None])[:, None, None, :]
 
 
+def _first_is_longest(lengths, max_len=None):
+    if max_len is None:
+        max_len = int(lengths[0])  # WRONG: the batch need not be sorted
+    return (torch.arange(max_len) < lengths[:, None])[:, None, None, :]
+
+
 LENGTH_MISTAKES = {
     "inverted": (_from_lengths(lambda p, n: p >= n), "polarity is inverted"),
     "<= instead of <": (_from_lengths(lambda p, n: p <= n), r"one position too many.*`<=`"),
@@ -75,6 +81,10 @@ LENGTH_MISTAKES = {
     ),
     "int mask": (_from_lengths(lambda p, n: p < n, dtype=torch.long), "dtype torch.int64"),
     "ignores max_len": (_longest_only, "it must have max_len = 5"),
+    "assumes sorted longest first": (
+        _first_is_longest,
+        r"the length of the first sequence: .*sorted longest first",
+    ),
 }
 
 
@@ -194,6 +204,17 @@ def _minus_1e9_zeroed(scores, mask):
     return torch.softmax(scores.masked_fill(~mask, -1e9), dim=-1).masked_fill(~mask, 0.0)
 
 
+def _inf_then_zeroed(scores, mask):  # finite forwards and backwards, NaN in between
+    return torch.softmax(scores.masked_fill(~mask, INF), dim=-1).masked_fill(~mask, 0.0)
+
+
+def _inf_then_where_isnan(scores, mask):
+    weights = torch.softmax(scores.masked_fill(~mask, INF), dim=-1)
+    return torch.where(torch.isnan(weights), 0.0, weights)
+
+
+HIDDEN_NAN = r"backward pass goes through NaN.*set_detect_anomaly.*SoftmaxBackward0.*finfo"
+
 SOFTMAX_MISTAKES = {
     "mask after the softmax": (_after_softmax, "the mask was applied after the softmax"),
     "NaN rows": (_nan_rows, "NaN in rows where every key is blocked: .* 0/0"),
@@ -205,6 +226,8 @@ SOFTMAX_MISTAKES = {
     "softmax over the queries": (_over_queries, r"normalised over the queries.*dim=-1"),
     "detached": (_detached, "not connected to the scores in the autograd graph"),
     "-1e9 in float16": (_minus_1e9_zeroed, "-1e9 does not fit in float16"),
+    "-inf, NaN discarded by masked_fill": (_inf_then_zeroed, HIDDEN_NAN),
+    "-inf, NaN discarded by torch.where": (_inf_then_where_isnan, HIDDEN_NAN),
 }
 
 
@@ -219,11 +242,11 @@ def test_masked_softmax_accepts_other_correct_answers(capsys):
     def zero_after_finfo_min(scores, mask):  # chapter 2's way
         return torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1) * mask
 
-    def where_isnan(scores, mask):
-        weights = torch.softmax(scores.masked_fill(~mask, INF), dim=-1)
-        return torch.where(torch.isnan(weights), 0.0, weights)
+    def where_any(scores, mask):  # zero the empty rows explicitly
+        weights = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
+        return torch.where(mask, weights, 0.0)
 
-    for answer in (zero_after_finfo_min, where_isnan):
+    for answer in (zero_after_finfo_min, where_any):
         check_masked_softmax(answer)
     assert capsys.readouterr().out.count("passed") == 2
 
@@ -264,6 +287,17 @@ TORCH_MISTAKES = {
     "float mask": (
         _converted(lambda m, b, h, lq, lk: (~_flat(m, b, h, lq, lk)).float()),
         "comes from a float mask",
+    ),
+    "key length taken from the query": (
+        lambda torch_mha, query, key, value, mask: torch_mha(
+            query,
+            key,
+            value,
+            attn_mask=~_flat(
+                mask, query.size(0), torch_mha.num_heads, query.size(1), query.size(1)
+            ),
+        )[0],
+        r"raised RuntimeError: .* Lq = 4 and Lk = 6: .*take Lk from key.size\(1\)",
     ),
     "returns the tuple": (
         _converted(lambda m, b, h, lq, lk: ~_flat(m, b, h, lq, lk), returns_tuple=True),

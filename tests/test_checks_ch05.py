@@ -31,61 +31,63 @@ def test_block_checks_refuse_an_instance(solutions):
 
 
 class _Block(nn.Module):
-    """The right layers; subclasses get the wiring wrong in one way each."""
+    """The right layers and initialization; subclasses get one thing wrong each."""
 
     def __init__(self, d_model, hidden):
         super().__init__()
-        self.norm = nn.LayerNorm(d_model)
         self.fc1 = nn.Linear(d_model, hidden)
         self.fc2 = nn.Linear(hidden, d_model)
+        nn.init.kaiming_normal_(self.fc1.weight, nonlinearity="relu")
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
 
     def branch(self, z):
         return self.fc2(torch.relu(self.fc1(z)))
 
 
+class _RightBlock(_Block):
+    def forward(self, x):
+        return x + self.branch(x)
+
+
 class NoSkip(_Block):
     def forward(self, x):
-        return self.branch(self.norm(x))
+        return self.branch(x)
 
 
-class ResidualAfterNorm(_Block):
+class ReluAfterSum(_Block):
     def forward(self, x):
-        x = self.norm(x)
-        return x + self.branch(x)
-
-
-class PostNorm(_Block):
-    def forward(self, x):
-        return self.norm(x + self.branch(x))
-
-
-class NormOnOutput(_Block):
-    def forward(self, x):
-        return x + self.norm(self.branch(x))
-
-
-class NoNorm(_Block):
-    def forward(self, x):
-        return x + self.branch(x)
+        return torch.relu(x + self.branch(x))
 
 
 class NoActivation(_Block):
     def forward(self, x):
-        return x + self.fc2(self.fc1(self.norm(x)))
+        return x + self.fc2(self.fc1(x))
+
+
+class ReluAfterFc2(_Block):
+    def forward(self, x):
+        return x + torch.relu(self.branch(x))
+
+
+class SkipTwice(_Block):
+    def forward(self, x):
+        return x + x + self.branch(x)
 
 
 class DetachedSkip(_Block):
     def forward(self, x):
-        return x.detach() + self.branch(self.norm(x))
+        return x.detach() + self.branch(x)
 
 
 class InPlace(_Block):
     def forward(self, x):
-        x += self.branch(self.norm(x))
+        x += self.branch(x)
         return x
 
 
-class WrongWidth(_Block):
+class WrongWidth(_RightBlock):
     def __init__(self, d_model, hidden):
         super().__init__(d_model, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
@@ -94,26 +96,77 @@ class WrongWidth(_Block):
 class OtherNames(nn.Module):
     def __init__(self, d_model, hidden):
         super().__init__()
-        self.ln = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, d_model)
+        )
 
     def forward(self, x):
-        return x + self.mlp(self.ln(x))
+        return x + self.mlp(x)
+
+
+class DefaultInit(_RightBlock):  # forgets the initialization altogether
+    def __init__(self, d_model, hidden):
+        nn.Module.__init__(self)
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, d_model)
+
+
+class BothZero(_RightBlock):
+    def __init__(self, d_model, hidden):
+        super().__init__(d_model, hidden)
+        nn.init.zeros_(self.fc1.weight)
+
+
+class Fc2BiasLeft(_RightBlock):
+    def __init__(self, d_model, hidden):
+        super().__init__(d_model, hidden)
+        self.fc2.bias.data = nn.Linear(hidden, d_model).bias.data
+
+
+class Fc1DefaultInit(_RightBlock):
+    def __init__(self, d_model, hidden):
+        super().__init__(d_model, hidden)
+        self.fc1 = nn.Linear(d_model, hidden)
+        nn.init.zeros_(self.fc1.bias)
+
+
+class LeCunFc1(_RightBlock):
+    def __init__(self, d_model, hidden):
+        super().__init__(d_model, hidden)
+        nn.init.kaiming_normal_(self.fc1.weight, nonlinearity="linear")
+
+
+class FanOutFc1(_RightBlock):
+    def __init__(self, d_model, hidden):
+        super().__init__(d_model, hidden)
+        nn.init.kaiming_normal_(self.fc1.weight, mode="fan_out", nonlinearity="relu")
+
+
+class Fc1BiasLeft(_RightBlock):
+    def __init__(self, d_model, hidden):
+        super().__init__(d_model, hidden)
+        self.fc1.bias.data = nn.Linear(d_model, hidden).bias.data
 
 
 @pytest.mark.parametrize(
     "block, message",
     [
         (NoSkip, "skip connection is missing"),
-        (ResidualAfterNorm, "residual is added after the norm"),
-        (PostNorm, r"LN\(x \+ F\(x\)\): the norm is applied after the residual sum"),
-        (NormOnOutput, "norm is applied to the sublayer's output"),
-        (NoNorm, "`norm` is never applied"),
+        (ReluAfterSum, r"ReLU\(x \+ F\(x\)\): a ReLU after the sum"),
         (NoActivation, "ReLU between fc1 and fc2 is missing"),
+        (ReluAfterFc2, "there is a ReLU after fc2"),
+        (SkipTwice, "the input is added twice"),
         (DetachedSkip, "skip path detached"),
         (InPlace, "changed its input in place"),
         (WrongWidth, "fc2` maps 8 -> 8 features, expected 8 -> 4"),
-        (OtherNames, "has no submodule `norm`"),
+        (OtherNames, "has no submodule `fc1`"),
+        (DefaultInit, "fc2's weight is not zero, so the block does not start as the identity"),
+        (BothZero, "fc1's weight is all zeros.*nothing ever learns"),
+        (Fc2BiasLeft, "fc2's weight is zero but its bias is not"),
+        (Fc1DefaultInit, r"standard deviation 0\.03.*PyTorch's default nn.Linear init"),
+        (LeCunFc1, r"variance 1 / fan_in \(LeCun's init"),
+        (FanOutFc1, "mode='fan_out'"),
+        (Fc1BiasLeft, "fc1's bias is not zero"),
     ],
 )
 def test_block_check_names_the_mistake(block, message):
@@ -121,12 +174,17 @@ def test_block_check_names_the_mistake(block, message):
         check_residual_mlp_block(block)
 
 
+def test_block_check_accepts_kaiming_uniform():
+    class Uniform(_RightBlock):
+        def __init__(self, d_model, hidden):
+            super().__init__(d_model, hidden)
+            nn.init.kaiming_uniform_(self.fc1.weight, nonlinearity="relu")
+
+    check_residual_mlp_block(Uniform)
+
+
 # ------------------------------------------------------------ exercise 5.2: wrong stacks
 
-
-class _RightBlock(_Block):
-    def forward(self, x):
-        return x + self.branch(self.norm(x))
 
 
 class SharedBlocks(nn.Module):
@@ -172,6 +230,13 @@ class OneBlockShort(DoubleSkip):
         return x
 
 
+class ReversedOrder(DoubleSkip):
+    def forward(self, x):
+        for block in reversed(self.blocks):
+            x = block(x)
+        return x
+
+
 class BlocksNotApplied(DoubleSkip):
     def forward(self, x):
         return x
@@ -180,7 +245,7 @@ class BlocksNotApplied(DoubleSkip):
 class StackOfWrongBlocks(nn.Module):
     def __init__(self, d_model, hidden, depth):
         super().__init__()
-        self.blocks = nn.ModuleList(PostNorm(d_model, hidden) for _ in range(depth))
+        self.blocks = nn.ModuleList(ReluAfterSum(d_model, hidden) for _ in range(depth))
 
     def forward(self, x):
         for block in self.blocks:
@@ -196,6 +261,7 @@ class StackOfWrongBlocks(nn.Module):
         (DoubleSkip, "skip is added twice"),
         (OneBlockShort, "has 2 blocks, expected depth = 3"),
         (BlocksNotApplied, "returns its input unchanged: forward does not apply the blocks"),
+        (ReversedOrder, "applies its blocks in reverse order"),
         (StackOfWrongBlocks, "make check_residual_mlp_block pass first"),
     ],
 )

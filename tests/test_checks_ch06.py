@@ -89,9 +89,25 @@ def ln_detached_stats(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return _affine((x - mean) / torch.sqrt(var + eps), weight, bias)
 
 
+def ln_all_but_batch(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(1, x.dim()))  # WRONG: every dimension after the batch
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, keepdim=True, correction=0)
+    return _affine((x - mean) / torch.sqrt(var + eps), weight, bias)
+
+
+def ln_in_float32(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims, x32 = _dims(normalized_shape), x.float()  # WRONG for a float64 input
+    mean = x32.mean(dim=dims, keepdim=True)
+    var = x32.var(dim=dims, keepdim=True, correction=0)
+    return _affine(((x32 - mean) / torch.sqrt(var + eps)).to(x.dtype), weight, bias)
+
+
 @pytest.mark.parametrize(
     "wrong, message",
     [
+        (ln_all_but_batch, r"taken over dims \(1, 2\) of a 3-D input.*names the last 1, dims \(2,\)"),
+        (ln_in_float32, r"float64 input your output has only float32 precision"),
         (ln_unbiased, r"unbiased variance, divided by d - 1"),
         (ln_eps_outside, r"eps is added to the standard deviation"),
         (ln_no_eps, r"NaN .* is eps missing"),
@@ -320,9 +336,31 @@ class BNGraphInRunningStats(BatchNormBase):
         self.running_var = (1 - m) * self.running_var + m * var * n / (n - 1)
 
 
+class BNNoEps(BatchNormBase):
+    def forward(self, x):
+        mean, var = self.batch_stats(x) if self.training else (self.running_mean, self.running_var)
+        if self.training:
+            self.update(mean, var, x.numel() // x.size(1))
+        s = self.shape(x)
+        x_hat = (x - mean.view(s)) / torch.sqrt(var.view(s))  # WRONG: no eps
+        return x_hat * self.weight.view(s) + self.bias.view(s)
+
+
+class BNEpsOutside(BatchNormBase):
+    def forward(self, x):
+        mean, var = self.batch_stats(x) if self.training else (self.running_mean, self.running_var)
+        if self.training:
+            self.update(mean, var, x.numel() // x.size(1))
+        s = self.shape(x)
+        x_hat = (x - mean.view(s)) / (torch.sqrt(var.view(s)) + self.eps)  # WRONG
+        return x_hat * self.weight.view(s) + self.bias.view(s)
+
+
 @pytest.mark.parametrize(
     "wrong, message",
     [
+        (BNNoEps, r"feature 0 is constant.*NaN.*eps is missing"),
+        (BNEpsOutside, r"eps is added to the standard deviation"),
         (BNNoRunningUpdate, r"running_mean and running_var have not changed"),
         (BNUpdatesInEval, r"running statistics changed during an eval-mode forward pass"),
         (BNUnbiasedNormalization, r"normalized with the unbiased batch variance"),
@@ -415,9 +453,24 @@ class RMSSubclassesTorch(nn.RMSNorm):
     pass
 
 
+class RMSWeightFirst(RMSBase):
+    def forward(self, x):
+        xw = x * self.weight  # WRONG: scaled before the normalization
+        return xw / torch.sqrt((xw**2).mean(dim=-1, keepdim=True) + self.eps)
+
+
+class RMSInFloat32(RMSBase):
+    def forward(self, x):
+        x32 = x.float()  # WRONG for a float64 input
+        rms = torch.sqrt((x32**2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x32 / rms).to(x.dtype) * self.weight
+
+
 @pytest.mark.parametrize(
     "wrong, message",
     [
+        (RMSInFloat32, r"float64 input your output has only float32 precision"),
+        (RMSWeightFirst, r"weight is applied before the normalization"),
         (RMSCentered, r"subtracted the mean: that is LayerNorm"),
         (RMSSum, r"root of the SUM of squares"),
         (RMSEpsOutside, r"eps is added outside the square root"),
@@ -489,6 +542,30 @@ class DropoutForgotten(ScaledBase):
         return self.norm(self.alpha * x + s)
 
 
+class AlphaOnWholeSum(ScaledBase):
+    def forward(self, x, s):
+        return self.norm(self.alpha * (x + self.dropout(s)))
+
+
+class DropoutNotRescaled(ScaledBase):
+    def forward(self, x, s):
+        if self.training:
+            s = s * (torch.rand_like(s) >= self.dropout.p)  # WRONG: no 1 / (1 - p)
+        return self.norm(self.alpha * x + s)
+
+
+class NormWithoutAffine(ScaledBase):
+    def __init__(self, d_model, alpha, dropout=0.0):
+        super().__init__(d_model, alpha, dropout)
+        self.norm = nn.LayerNorm(d_model, elementwise_affine=False)
+
+
+class NormWithoutBias(ScaledBase):
+    def __init__(self, d_model, alpha, dropout=0.0):
+        super().__init__(d_model, alpha, dropout)
+        self.norm = nn.LayerNorm(d_model, bias=False)
+
+
 class NormElsewhere(ScaledBase):
     def __init__(self, d_model, alpha, dropout=0.0):
         super().__init__(d_model, alpha, dropout)
@@ -505,7 +582,11 @@ class NormElsewhere(ScaledBase):
         (ResidualAfterNorm, r"added the residual after the norm"),
         (NormBeforeAdd, r"normalized x before adding the sublayer output"),
         (AlphaOnSublayer, r"alpha scales the sublayer output"),
-        (AlphaIgnored, r"alpha is ignored"),
+        (AlphaIgnored, r"equals LayerNorm\(x \+ sublayer_output\). Either alpha is ignored"),
+        (AlphaOnWholeSum, r"or it multiplies the whole sum, alpha \* \(x \+ sublayer_output\)"),
+        (DropoutNotRescaled, r"not rescaled: .*1 / \(1 - p\) = 2"),
+        (NormWithoutAffine, r"no learned gain and shift.*elementwise_affine=False"),
+        (NormWithoutBias, r"learned gain but no shift.*bias=False"),
         (NoNorm, r"not normalized"),
         (DropoutOnSum, r"dropout reaches the residual x"),
         (DropoutAlwaysOn, r"dropout still active after \.eval\(\)"),

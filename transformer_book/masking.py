@@ -15,5 +15,9 @@ def padding_mask(tokens, pad_id):
 
 
 def causal_mask(size, device=None):
-    """(size, size) bool, True on and below the diagonal: query i may attend to keys j <= i."""
-    return torch.ones(size, size, dtype=torch.bool, device=device).tril()  # (size, size)
+    """(size, size) bool, True on and below the diagonal.
+
+    Query i may attend to keys j <= i.
+    """
+    ones = torch.ones(size, size, dtype=torch.bool, device=device)  # (size, size)
+    return ones.tril()  # True on and below the diagonal

@@ -25,12 +25,14 @@ class LayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.size(-1) != self.normalized_shape[0]:
             raise ValueError(
-                f"LayerNorm({self.normalized_shape[0]}) normalizes over the last dimension, "
+                f"LayerNorm({self.normalized_shape[0]}) normalizes over the last "
+                "dimension, "
                 f"which must have size {self.normalized_shape[0]}; got input of shape "
                 f"{tuple(x.shape)}."
             )
         mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
-        var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)  # (..., 1), biased: divides by d
+        # (..., 1), biased: divides by d
+        var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
         x_hat = (x - mean) / torch.sqrt(var + self.eps)  # (..., d), eps inside the root
         return self.weight * x_hat + self.bias  # (..., d)
 
@@ -39,10 +41,11 @@ class LayerNorm(nn.Module):
 
 
 class AddNorm(nn.Module):
-    """Post-LN residual connection (Vaswani et al., 2017): LayerNorm(x + dropout(sublayer_output)).
+    """Post-LN residual connection (Vaswani et al., 2017).
 
-    forward(x, sublayer_output): both (..., d_model), where sublayer_output = sublayer(x).
-    The LayerNorm is .norm; dropout acts on the sublayer's output only, in training mode.
+    Computes LayerNorm(x + dropout(sublayer_output)). forward(x, sublayer_output):
+    both (..., d_model), where sublayer_output = sublayer(x). The LayerNorm is .norm;
+    dropout acts on the sublayer's output only, in training mode.
     """
 
     def __init__(self, d_model: int, dropout: float = 0.0):
@@ -53,14 +56,17 @@ class AddNorm(nn.Module):
     def forward(self, x: torch.Tensor, sublayer_output: torch.Tensor) -> torch.Tensor:
         if sublayer_output.shape != x.shape:
             raise ValueError(
-                f"AddNorm: sublayer_output has shape {tuple(sublayer_output.shape)} but x has "
-                f"shape {tuple(x.shape)}; the residual sum needs them equal."
+                "AddNorm: sublayer_output has shape "
+                f"{tuple(sublayer_output.shape)} but x has shape {tuple(x.shape)}; "
+                "the residual sum needs them equal."
             )
         return self.norm(x + self.dropout(sublayer_output))  # (..., d_model)
 
 
 class PreNormResidual(nn.Module):
-    """Pre-LN residual connection (Xiong et al., 2020): x + dropout(sublayer(LayerNorm(x), ...)).
+    """Pre-LN residual connection: x + dropout(sublayer(LayerNorm(x), ...)).
+
+    Used by GPT-2 and Baevski & Auli (2019), analysed by Xiong et al. (2020).
 
     Extra positional and keyword arguments of forward are passed to the sublayer, which
     must return a tensor of the input's shape. The LayerNorm is .norm. A stack of these
@@ -76,9 +82,14 @@ class PreNormResidual(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.sublayer(self.norm(x), *args, **kwargs)  # (..., d_model)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            got = (
+                tuple(out.shape)
+                if isinstance(out, torch.Tensor)
+                else type(out).__name__
+            )
             raise ValueError(
                 f"PreNormResidual: the sublayer returned {got} for an input of shape "
-                f"{tuple(x.shape)}; x + sublayer(norm(x)) needs a tensor of the input's shape."
+                f"{tuple(x.shape)}; x + sublayer(norm(x)) needs a tensor of the "
+                "input's shape."
             )
         return x + self.dropout(out)  # (..., d_model)

@@ -22,13 +22,14 @@ class Residual(nn.Module):
         out = self.sublayer(x, *args, **kwargs)  # (..., d_model)
         if not isinstance(out, torch.Tensor):
             raise TypeError(
-                f"Residual: the sublayer returned a {type(out).__name__}, not a tensor; "
-                "wrap it so that it returns only its output tensor."
+                f"Residual: the sublayer returned a {type(out).__name__}, not a "
+                "tensor; wrap it so that it returns only its output tensor."
             )
         if out.shape != x.shape:
             raise ValueError(
-                f"Residual: the sublayer's output has shape {tuple(out.shape)} but its input "
-                f"has shape {tuple(x.shape)}; x + sublayer(x) needs the two to match, so the "
-                "sublayer must keep d_model (and every other axis) unchanged."
+                f"Residual: the sublayer's output has shape {tuple(out.shape)} but "
+                f"its input has shape {tuple(x.shape)}; x + sublayer(x) needs the two "
+                "to match, so the sublayer must keep d_model (and every other axis) "
+                "unchanged."
             )
         return x + self.dropout(out)  # (..., d_model)

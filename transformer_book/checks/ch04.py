@@ -6,6 +6,8 @@ broadcastable to the scores' shape ``(batch, heads, Lq, Lk)``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -60,6 +62,8 @@ def check_padding_mask_from_lengths(padding_mask_from_lengths):
         (torch.tensor([0, 6, 2, 6]), 6),  # an empty sequence and two full ones
         (torch.tensor([1, 7]), 9),  # max_len longer than the longest sequence
         (torch.tensor([4, 2, 3]), None),  # max_len left out: the longest length, 4
+        (torch.tensor([2, 5, 3]), None),  # ...and the longest is not the first
+        (torch.tensor([2, 4, 1]), 6),  # not sorted longest first
     ]
     for lengths, max_len in cases:
         length = int(lengths.max()) if max_len is None else max_len
@@ -82,6 +86,13 @@ def check_padding_mask_from_lengths(padding_mask_from_lengths):
                     f"your mask (for {where}) has shape {tuple(got.shape)}: it is on the query "
                     "axis. Padding hides keys, the last axis of the scores "
                     "(batch, heads, Lq, Lk), so the shape is (batch, 1, 1, L)."
+                )
+            if max_len is None and got.dim() == 4 and got.shape[-1] == int(lengths[0]):
+                fail(
+                    f"your mask (for {where}) has {got.shape[-1]} positions, the length of "
+                    "the first sequence: does your code assume the lengths are sorted "
+                    "longest first? A batch can come in any order; with max_len left out, "
+                    f"use the longest length, lengths.max() = {length}."
                 )
             if got.dim() == 4 and got.shape[-1] == int(lengths.max()) != length:
                 fail(
@@ -266,8 +277,9 @@ def check_packed_causal_mask(packed_causal_mask):
 
 
 def _masked_softmax_reference(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1):
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=dim)
-    return weights.masked_fill(~mask, 0.0)  # also turns the NaN of empty rows into 0
+    # chapter 2's finite fill: no -inf, so no 0/0 forwards or backwards
+    weights = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), dim=dim)
+    return weights.masked_fill(~mask, 0.0)  # empty rows, uniform after the softmax, become 0
 
 
 def _softmax_cases(generator: torch.Generator):
@@ -289,6 +301,29 @@ def _softmax_cases(generator: torch.Generator):
     ]
 
 
+def _check_no_hidden_nan(masked_softmax, scores, mask, upstream, where: str) -> None:
+    fresh = scores.detach().clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anomaly mode warns with the forward's traceback
+        with torch.autograd.set_detect_anomaly(True):
+            got = call(masked_softmax, fresh, mask, what="masked_softmax")
+            try:
+                torch.autograd.grad((got * upstream).sum(), fresh)
+            except RuntimeError as error:
+                if "nan" not in str(error).lower():
+                    raise
+                found = str(error).split(".")[0]
+                fail(
+                    f"your weights and their gradient (for {where}) come out finite, but "
+                    "the backward pass goes through NaN on the way (under "
+                    f"torch.autograd.set_detect_anomaly(True): {found}). A softmax over a "
+                    "row of -inf is NaN, its backward is NaN too, and a later masked_fill "
+                    "or torch.where only happens to throw that NaN away. Fill the blocked "
+                    "scores with a finite value, torch.finfo(scores.dtype).min, as the "
+                    "chapter does, then zero the blocked positions after the softmax."
+                )
+
+
 @exercise("4.3", "A masked softmax that survives empty rows")
 def check_masked_softmax(masked_softmax):
     expect_callable(masked_softmax, "your masked softmax", "check_masked_softmax(masked_softmax)")
@@ -304,8 +339,9 @@ def check_masked_softmax(masked_softmax):
             if half and "overflow" in str(failure.__cause__):
                 fail(
                     "masked_softmax crashed on float16 scores: a constant like -1e9 does not "
-                    "fit in float16 (its largest magnitude is 65504). Fill with float('-inf') "
-                    "and then zero the rows that have no allowed key."
+                    "fit in float16 (its largest magnitude is 65504). Fill with "
+                    "torch.finfo(scores.dtype).min, which fits every dtype, and zero the "
+                    "blocked positions after the softmax."
                 )
             raise
         got = expect_tensor(got, f"your weights (for {where})")
@@ -331,8 +367,9 @@ def check_masked_softmax(masked_softmax):
         if torch.isnan(values).any():
             fail(
                 f"your weights (for {where}) are NaN in rows where every key is blocked: the "
-                "softmax of a row of -inf is 0/0. Give such rows all-zero weights (for "
-                "instance masked_fill the blocked positions with 0 after the softmax)."
+                "softmax of a row of -inf is 0/0. Fill the blocked scores with a finite "
+                "value, torch.finfo(scores.dtype).min, instead of -inf (the chapter's way), "
+                "and set the blocked positions to 0 after the softmax."
             )
         if empty.any():
             uniform = torch.full_like(values, 1.0 / scores.size(-1))
@@ -388,6 +425,9 @@ def check_masked_softmax(masked_softmax):
                 "added -inf mask hands that NaN on to the scores. Put -inf in with masked_fill "
                 "(or torch.where), so that blocked scores get no gradient."
             )
+        # ...and no step of it may produce NaN, even one that a later masked_fill or
+        # torch.where discards: run the backward again under anomaly detection
+        _check_no_hidden_nan(masked_softmax, scores, mask, upstream, where)
         scores_ref = scores.detach().clone().requires_grad_(True)
         (grad_ref,) = torch.autograd.grad(
             (_masked_softmax_reference(scores_ref, mask) * upstream).sum(), scores_ref
@@ -441,7 +481,16 @@ def check_run_torch_mha(run_torch_mha):
             f"query {tuple(query.shape)}, key {tuple(key.shape)}, mask {tuple(mask.shape)}, "
             f"{heads} heads"
         )
-        got = call(run_torch_mha, mha, query, key, key, mask.clone(), what="run_torch_mha")
+        try:
+            got = call(run_torch_mha, mha, query, key, key, mask.clone(), what="run_torch_mha")
+        except CheckFailure as failure:
+            if q_len != k_len and isinstance(failure.__cause__, RuntimeError):
+                fail(
+                    f"{failure} Here the query and the keys have different lengths, "
+                    f"Lq = {q_len} and Lk = {k_len}: the mask is (batch * heads, Lq, Lk), "
+                    "so take Lk from key.size(1), not from the query."
+                )
+            raise
         if isinstance(got, tuple):
             fail(
                 f"your function returns a tuple (for {where}): nn.MultiheadAttention returns "

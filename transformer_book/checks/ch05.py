@@ -40,14 +40,15 @@ def _input(shape, seed: int, dtype=torch.float32) -> torch.Tensor:
 
 
 def _block_layers(block, d_model: int, hidden: int, where: str):
-    """The ``norm``, ``fc1`` and ``fc2`` of a block, with their sizes checked."""
-    norm, fc1, fc2 = (getattr(block, name, None) for name in ("norm", "fc1", "fc2"))
-    for name, layer in [("norm", norm), ("fc1", fc1), ("fc2", fc2)]:
+    """The ``fc1`` and ``fc2`` of a block, with their sizes checked."""
+    fc1, fc2 = (getattr(block, name, None) for name in ("fc1", "fc2"))
+    for name, layer in [("fc1", fc1), ("fc2", fc2)]:
         if not isinstance(layer, nn.Module):
             fail(
-                f"{where} has no submodule `{name}`: create `self.norm = nn.LayerNorm(d_model)`, "
-                "`self.fc1 = nn.Linear(d_model, hidden)` and `self.fc2 = nn.Linear(hidden, d_model)` "
-                "in __init__ (the check looks the layers up by these names)."
+                f"{where} has no submodule `{name}`: create "
+                "`self.fc1 = nn.Linear(d_model, hidden)` and "
+                "`self.fc2 = nn.Linear(hidden, d_model)` in __init__ (the check looks the "
+                "layers up by these names)."
             )
     for name, layer, n_in, n_out in [("fc1", fc1, d_model, hidden), ("fc2", fc2, hidden, d_model)]:
         if not isinstance(layer, nn.Linear):
@@ -59,88 +60,62 @@ def _block_layers(block, d_model: int, hidden: int, where: str):
                 "fc1 widens d_model to hidden and fc2 brings it back to d_model, "
                 "so that the branch keeps the input's shape."
             )
-    shape = getattr(norm, "normalized_shape", None)
-    if shape is not None and tuple(shape) != (d_model,):
-        fail(
-            f"{where}: `norm` normalizes over {tuple(shape)}, expected ({d_model},): "
-            "each token is normalized over its d_model features, nn.LayerNorm(d_model)."
-        )
-    return norm, fc1, fc2
+        if layer.bias is None:
+            fail(f"{where}: `{name}` has no bias; keep nn.Linear's default, bias=True.")
+    return fc1, fc2
 
 
 def _randomize(block, seed: int) -> None:
-    """Give the block's norm a gain and a shift away from 1 and 0, so every placement differs."""
+    """Random weights in both layers (fc2 starts at zero), so that every wiring differs."""
     generator = torch.Generator().manual_seed(seed)
-    weight, bias = getattr(block.norm, "weight", None), getattr(block.norm, "bias", None)
     with torch.no_grad():
-        if isinstance(weight, torch.Tensor):
-            noise = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
-            weight.copy_(1.0 + 0.3 * noise)
-        if isinstance(bias, torch.Tensor):
-            bias.copy_(0.3 * torch.randn(bias.shape, generator=generator, dtype=torch.float64))
+        for layer in (block.fc1, block.fc2):
+            for p in (layer.weight, layer.bias):
+                noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+                p.copy_(0.5 * noise)
 
 
 def _zero_fc2(block) -> None:
     with torch.no_grad():
         block.fc2.weight.zero_()
-        if block.fc2.bias is not None:
-            block.fc2.bias.zero_()
+        block.fc2.bias.zero_()
 
 
 def _block_reference(block, x):
-    """x + fc2(relu(fc1(norm(x)))) with the block's own layers, and the usual mistakes."""
-    norm, fc1, fc2 = block.norm, block.fc1, block.fc2
+    """x + fc2(relu(fc1(x))) with the block's own layers, and the usual mistakes."""
+    fc1, fc2 = block.fc1, block.fc2
 
     def branch(z):
         return fc2(torch.relu(fc1(z)))
 
     with torch.no_grad():
-        normed = norm(x)
-        right = x + branch(normed)
+        right = x + branch(x)
         wrong = [
             (
-                branch(normed),
-                "the output equals F(LN(x)) with nothing added: the skip connection is missing. "
-                "Return x + F(LN(x)), so that the block only adds a change to its input.",
+                branch(x),
+                "the output equals F(x) with nothing added: the skip connection is missing. "
+                "Return x + F(x), so that the block only adds a change to its input.",
             ),
             (
-                normed + branch(normed),
-                "the output equals LN(x) + F(LN(x)): the residual is added after the norm "
-                "(e.g. `x = self.norm(x)` and then `x + ...`), so the skip carries the normalized "
-                "input. The norm belongs on the branch only, before the sublayer: "
-                "y = x + F(LN(x)), with the raw x on the skip path.",
+                torch.relu(x + branch(x)),
+                "the output equals ReLU(x + F(x)): a ReLU after the sum, as in the original "
+                "ResNet's blocks, cuts the negative part of the skip path, so the block is "
+                "not the identity even when F outputs 0. Return x + F(x).",
             ),
             (
-                norm(x + branch(x)),
-                "the output equals LN(x + F(x)): the norm is applied after the residual sum "
-                "(post-LN, the original transformer's placement). This exercise asks for the "
-                "pre-LN block, y = x + F(LN(x)), whose skip path is an exact identity.",
+                x + fc2(fc1(x)),
+                "the output equals x + fc2(fc1(x)): the ReLU between fc1 and fc2 is "
+                "missing, so the branch is a single linear map.",
             ),
             (
-                norm(x + branch(normed)),
-                "the output equals LN(x + F(LN(x))): the block normalizes twice, and the last "
-                "norm, after the residual sum, removes the identity path. Return x + F(LN(x)).",
+                x + torch.relu(branch(x)),
+                "the output equals x + ReLU(fc2(ReLU(fc1(x)))): there is a ReLU after fc2. "
+                "With it the branch can only add positive values; the activation goes "
+                "between fc1 and fc2 only.",
             ),
             (
-                x + norm(branch(x)),
-                "the output equals x + LN(F(x)): the norm is applied to the sublayer's output. "
-                "It belongs before the sublayer, on its input: y = x + F(LN(x)).",
-            ),
-            (
-                x + branch(x),
-                "the output equals x + F(x): `norm` is never applied. Normalize the branch's "
-                "input: y = x + fc2(relu(fc1(norm(x)))).",
-            ),
-            (
-                x + fc2(fc1(normed)),
-                "the output equals x + fc2(fc1(LN(x))): the ReLU between fc1 and fc2 is missing, "
-                "so the branch is a single linear map.",
-            ),
-            (
-                x + torch.relu(fc2(torch.relu(fc1(normed)))),
-                "the output equals x + ReLU(fc2(ReLU(fc1(LN(x))))): there is a ReLU after fc2. "
-                "With it the branch can only add positive values; the activation goes between "
-                "fc1 and fc2 only.",
+                2 * x + branch(x),
+                "the output equals 2x + F(x): the input is added twice.",
             ),
         ]
     return right, wrong
@@ -151,8 +126,8 @@ def _check_block_output(block, x, d_model: int, hidden: int, where: str) -> None
     out = call(block, x, what=f"{where}'s forward")
     if not torch.equal(x, before):
         fail(
-            f"{where}'s forward changed its input in place (e.g. `x += ...`): the caller's tensor "
-            "is overwritten. Return a new tensor, `x + branch`."
+            f"{where}'s forward changed its input in place (e.g. `x += ...`): the caller's "
+            "tensor is overwritten. Return a new tensor, `x + branch`."
         )
     expect_shape(out, x.shape, f"{where}'s output for an input of shape {tuple(x.shape)}")
     right, wrong = _block_reference(block, x)
@@ -161,13 +136,74 @@ def _check_block_output(block, x, d_model: int, hidden: int, where: str) -> None
     diagnose(out, [(value, f"{where}: {message}") for value, message in wrong])
     worst = (out.detach().to(right.dtype) - right).abs().max().item()
     fail(
-        f"{where}'s output differs from x + fc2(relu(fc1(norm(x)))) computed with its own layers "
+        f"{where}'s output differs from x + fc2(relu(fc1(x))) computed with its own layers "
         f"(d_model={d_model}, hidden={hidden}, input {tuple(x.shape)}; largest difference "
         f"{worst:.3g})."
     )
 
 
-@exercise("5.1", "A pre-norm residual MLP block")
+# fc1's weight standard deviation under each initialization, for d_model 256, hidden 384
+_INIT_D, _INIT_H = 256, 384
+_INIT_STDS = {
+    "kaiming": (2 / _INIT_D) ** 0.5,
+    "lecun": (1 / _INIT_D) ** 0.5,
+    "fan_out": (2 / _INIT_H) ** 0.5,
+    "default": (1 / (3 * _INIT_D)) ** 0.5,
+}
+
+
+def _check_initialization(block_class) -> None:
+    where = f"a fresh ResidualMLPBlock({_INIT_D}, {_INIT_H})"
+    torch.manual_seed(5)
+    block = call(block_class, _INIT_D, _INIT_H, what=f"ResidualMLPBlock({_INIT_D}, {_INIT_H})")
+    fc1, fc2 = _block_layers(block, _INIT_D, _INIT_H, where)
+    w1 = fc1.weight.detach().double()
+    if (w1 == 0).all():
+        fail(
+            f"{where}: fc1's weight is all zeros. With fc2 at zero too, the block is stuck: "
+            "fc2's gradient is relu(fc1(x)) = 0 and fc1's gradient passes through fc2 = 0, "
+            "so nothing ever learns. Only fc2 starts at zero; fc1 gets Kaiming's init."
+        )
+    if (fc2.weight != 0).any():
+        fail(
+            f"{where}: fc2's weight is not zero, so the block does not start as the "
+            "identity. Set it to zero in __init__ (nn.init.zeros_(self.fc2.weight)), and "
+            "fc2's bias too."
+        )
+    if (fc2.bias != 0).any():
+        fail(
+            f"{where}: fc2's weight is zero but its bias is not, so the block adds a "
+            "constant to every input instead of starting as the identity: "
+            "nn.init.zeros_(self.fc2.bias)."
+        )
+    if (fc1.bias != 0).any():
+        fail(
+            f"{where}: fc1's bias is not zero. The variance-preserving initialization of "
+            "the chapter sets the biases to zero: nn.init.zeros_(self.fc1.bias)."
+        )
+    std = w1.std().item()
+    closest = min(_INIT_STDS, key=lambda name: abs(_INIT_STDS[name] - std))
+    if abs(std - _INIT_STDS["kaiming"]) < 0.05 * _INIT_STDS["kaiming"]:
+        return
+    hints = {
+        "lecun": "variance 1 / fan_in (LeCun's init, or kaiming with nonlinearity='linear'): "
+        "the layer before a ReLU needs 2 / fan_in, since the ReLU keeps about half of the "
+        "mean square.",
+        "fan_out": "variance 2 / hidden: kaiming with mode='fan_out' counts the outputs; "
+        "the forward signal needs fan_in = d_model (the default mode).",
+        "default": "PyTorch's default nn.Linear init (variance 1 / (3 fan_in)), which shrinks "
+        "the signal: initialize fc1.weight with nn.init.kaiming_normal_(..., "
+        "nonlinearity='relu').",
+    }
+    fail(
+        f"{where}: fc1's weight has standard deviation {std:.4f}, expected "
+        f"sqrt(2 / d_model) = {_INIT_STDS['kaiming']:.4f} (Kaiming for the layer before "
+        "the ReLU). "
+        + (f"It looks like {hints[closest]}" if closest in hints else "")
+    )
+
+
+@exercise("5.1", "A residual MLP block that starts as the identity")
 def check_residual_mlp_block(block_class):
     expect_class(
         block_class, nn.Module, "your block class", "check_residual_mlp_block(ResidualMLPBlock)"
@@ -177,38 +213,47 @@ def check_residual_mlp_block(block_class):
         torch.manual_seed(case)
         block = call(block_class, d_model, hidden, what=where)
         _block_layers(block, d_model, hidden, where)
-        _randomize(block, seed=case)
         x = _input(shape, seed=100 + case)
+
+        # As constructed, the block is exactly the identity.
+        y = call(block, x, what=f"{where}'s forward")
+        expect_shape(y, x.shape, f"{where}'s output for an input of shape {tuple(x.shape)}")
+        fc2_zero = (block.fc2.weight == 0).all() and (block.fc2.bias == 0).all()
+        if fc2_zero and not same(y, x, atol=0, rtol=0):
+            _, wrong = _block_reference(block, x)
+            diagnose(y, [(value, f"a fresh {where}: {message}") for value, message in wrong])
+            fail(
+                f"a fresh {where}, whose fc2 is zero, does not return its input: a "
+                "residual block whose branch outputs 0 must be the identity, y = x + 0."
+            )
+
+        _randomize(block, seed=case)
         _check_block_output(block, x, d_model, hidden, where)
 
-        # Gradients flow into every layer of the branch.
+        # Gradients flow into both layers of the branch.
         xg = x.clone().requires_grad_(True)
         call(block, xg, what=f"{where}'s forward").sum().backward()
         for name in ("fc1", "fc2"):
             grad = getattr(block, name).weight.grad
             if grad is None or not torch.isfinite(grad).all() or grad.abs().sum() == 0:
                 fail(
-                    f"{where}: `{name}.weight` receives no gradient from the output: is the branch "
-                    "computed under torch.no_grad(), or detached?"
+                    f"{where}: `{name}.weight` receives no gradient from the output: is the "
+                    "branch computed under torch.no_grad(), or detached?"
                 )
 
-        # Identity mapping: with fc2 at zero the block is exactly the identity, and so is its
-        # Jacobian, so the gradient of sum(y) with respect to x is all ones.
+        # Identity mapping: with fc2 at zero the Jacobian is I, so d sum(y) / dx is all ones.
         _zero_fc2(block)
         xg = x.clone().requires_grad_(True)
         y = call(block, xg, what=f"{where}'s forward")
-        if not same(y, x, atol=1e-6, rtol=0):
-            fail(
-                f"{where} with fc2's weight and bias set to zero does not return its input: "
-                "a residual block whose sublayer outputs 0 must be the identity, y = x + 0."
-            )
         y.sum().backward()
         if xg.grad is None or not same(xg.grad, torch.ones_like(x), atol=1e-6, rtol=0):
             fail(
-                f"{where}: with fc2 at zero, d sum(y) / dx should be all ones (dy/dx = I + dF/dx = I), "
-                "but it is not: is the skip path detached (e.g. `x.detach() + ...`)? "
-                "The gradient must flow through the skip unchanged."
+                f"{where}: with fc2 at zero, d sum(y) / dx should be all ones "
+                "(dy/dx = I + dF/dx = I), but it is not: is the skip path detached "
+                "(e.g. `x.detach() + ...`)? The gradient must flow through the skip unchanged."
             )
+
+    _check_initialization(block_class)
 
     # float64 in, float64 out.
     block = call(block_class, 6, 9, what="ResidualMLPBlock(6, 9)").double()
@@ -223,7 +268,7 @@ def _stack_reference(model, x):
     h = x
     with torch.no_grad():
         for block in model.blocks:
-            h = h + block.fc2(torch.relu(block.fc1(block.norm(h))))  # (..., d_model)
+            h = h + block.fc2(torch.relu(block.fc1(h)))  # (..., d_model)
     return h
 
 
@@ -272,25 +317,32 @@ def check_residual_mlp(model_class):
         right = _stack_reference(model, x)
         if not same(out, right):
             with torch.no_grad():
-                chained, doubled = x, x
+                chained, doubled, backwards = x, x, x
                 for block in blocks:
                     chained = block(chained)
                     doubled = doubled + block(doubled)
+                for block in reversed(list(blocks)):
+                    backwards = block(backwards)
             diagnose(
                 out,
                 [
                     (
                         doubled,
                         f"{where}: the output equals applying h = h + block(h): the skip is added twice, "
-                        "since each ResidualMLPBlock already returns x + F(LN(x)). "
+                        "since each ResidualMLPBlock already returns x + F(x). "
                         "Apply the blocks in turn, h = block(h).",
                     ),
                     (
                         chained,
                         f"{where} applies its blocks in order, but the blocks do not compute "
-                        "x + fc2(relu(fc1(norm(x)))): make check_residual_mlp_block pass first.",
+                        "x + fc2(relu(fc1(x))): make check_residual_mlp_block pass first.",
                     ),
                     (x, f"{where} returns its input unchanged: forward does not apply the blocks."),
+                    (
+                        backwards,
+                        f"{where} applies its blocks in reverse order: the input goes through "
+                        "blocks[0] first, then blocks[1], and so on.",
+                    ),
                 ],
             )
             fail(

@@ -9,6 +9,7 @@ if the student's result matches one of them, names that mistake.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -179,6 +180,20 @@ def _layer_norm_mistakes(x, normalized_shape, weight, bias, eps):
                 f"variance per group of {d} values (reduce over dim=tuple(range(-{k}, 0))).",
             )
         )
+    # any other set of axes: name the ones used and the ones LayerNorm needs
+    for r in range(1, x.dim() + 1):
+        for axes in itertools.combinations(range(x.dim()), r):
+            if axes == dims:
+                continue
+            mistakes.append(
+                (
+                    affine(_normalize(x, axes, eps)),
+                    f"your mean and variance are taken over dims {axes} of a "
+                    f"{x.dim()}-D input, but normalized_shape = {tuple(normalized_shape)} names "
+                    f"the last {k}, dims {dims}: LayerNorm reduces over exactly those, "
+                    f"dim=tuple(range(-{k}, 0)), separately for every index of the others.",
+                )
+            )
     if weight is not None or bias is not None:
         x_hat = _normalize(x, dims, eps)
         mistakes += [
@@ -246,7 +261,17 @@ def check_layer_norm(layer_norm):
     y = _call_layer_norm(layer_norm, x, (10,))
     if y.dtype != torch.float64:
         fail(f"for a float64 input your output is {y.dtype}: keep the input's dtype (no .float()).")
-    expect_close(y, _reference_layer_norm(x, (10,)), "layer_norm differs from F.layer_norm in float64", atol=1e-10, rtol=1e-8)
+    expected = _reference_layer_norm(x, (10,))
+    if not same(y, expected, atol=1e-10, rtol=1e-8) and same(
+        y, _reference_layer_norm(x.float(), (10,)).double(), atol=1e-6, rtol=1e-5
+    ):
+        fail(
+            "for a float64 input your output has only float32 precision (it differs from the "
+            f"float64 result by {(y - expected).abs().max().item():.1e}): part of it is "
+            "computed in float32 (x.float(), a float32 constant or tensor). Compute in the "
+            "input's dtype."
+        )
+    expect_close(y, expected, "layer_norm differs from F.layer_norm in float64", atol=1e-10, rtol=1e-8)
 
     # gradients with respect to x, weight and bias
     x = _randn(3, 5, 6, seed=12, scale=2.0).requires_grad_()
@@ -420,6 +445,7 @@ def check_batch_norm(BatchNorm1d):  # noqa: N803 - the argument is a class
         ("(N, C, L) input", 3, {}, [(4, 3, 7), (2, 3, 5)], 0.1, 1e-5),
         ("(N, C) input with eps=1e-3, momentum=0.3", 4, {"eps": 1e-3, "momentum": 0.3}, [(6, 4), (6, 4)], 0.3, 1e-3),
     ]
+    _check_batch_norm_eps(BatchNorm1d)
     for number, (layout, C, kwargs, shapes, momentum, eps) in enumerate(layouts):
         args = ", ".join([str(C)] + [f"{k}={v}" for k, v in kwargs.items()])
         with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
@@ -504,6 +530,52 @@ def check_batch_norm(BatchNorm1d):  # noqa: N803 - the argument is a class
             )
 
 
+
+def _check_batch_norm_eps(BatchNorm1d) -> None:  # noqa: N803 - the argument is a class
+    """A feature whose values are all equal (variance 0) and a quiet one: only eps helps.
+
+    Fails only on the mistakes it recognises; anything else is left to the main checks.
+    """
+    what = "BatchNorm1d(3) in training mode, on a batch whose feature 0 is constant"
+    with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
+        student = call(BatchNorm1d, 3, what="BatchNorm1d(3)")
+    student.train()
+    x = _randn(6, 3, seed=120, scale=2.0)
+    x[:, 0] = 1.5  # variance exactly 0
+    x[:, 1] = 0.01 * x[:, 1]  # variance about 4e-4, not far above eps = 1e-5
+    with torch.no_grad():
+        y = _call_bn(student, x, what)
+        expected = nn.BatchNorm1d(3)(x).double()
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return  # the main checks below say what is wrong
+    if not torch.isfinite(y[:, 0]).all():
+        fail(
+            f"{what}: your output is NaN (or inf) at that feature. Its variance is 0, so "
+            "(x - mean) / sqrt(var) is 0/0: eps is missing. Normalize with "
+            "(x - mean) / sqrt(var + eps), eps inside the square root."
+        )
+    if same(y, expected):
+        return
+    xd = x.double()
+    mean, var = xd.mean(dim=0), xd.var(dim=0, correction=0)
+    diagnose(
+        y,
+        [
+            (
+                (xd - mean) / (var.sqrt() + 1e-5),
+                f"{what} and feature 1 quiet: eps is added to the standard deviation, "
+                "(x - mean) / (sqrt(var) + eps). It belongs inside the root: "
+                "(x - mean) / sqrt(var + eps).",
+            ),
+            (
+                (xd - mean) / torch.sqrt(var + 1e-5 * (var > 0)),
+                f"{what} and feature 1 quiet: eps is used only where the variance is 0. "
+                "Add it to every variance: (x - mean) / sqrt(var + eps).",
+            ),
+        ],
+    )
+
+
 # --------------------------------------------------------------------------- exercise 6.3
 
 _RMS_NORM_BUILTINS = [(F, "rms_norm"), (torch, "rms_norm")]
@@ -577,6 +649,11 @@ def check_rms_norm(RMSNorm):  # noqa: N803 - the argument is a class
                     f"on {what} your output ignores weight: multiply the normalized x by it.",
                 ),
                 (
+                    xd * wd / torch.sqrt(((xd * wd) ** 2).mean(dim=-1, keepdim=True) + eps),
+                    f"on {what} weight is applied before the normalization, to x: it belongs "
+                    "after, y = weight * x / sqrt(mean(x**2) + eps), or the division undoes it.",
+                ),
+                (
                     _reference_rms_norm(xd, wd, 1e-6) if eps != 1e-6 else None,
                     f"on {what} your output is the one for eps=1e-6: the eps argument is ignored.",
                 ),
@@ -597,7 +674,17 @@ def check_rms_norm(RMSNorm):  # noqa: N803 - the argument is a class
         y = call(norm.double(), x, what="RMSNorm(10).double()(x)")
     if y.dtype != torch.float64:
         fail(f"for a float64 input (and a .double() module) your output is {y.dtype}: keep the dtype.")
-    expect_close(y, _reference_rms_norm(x, weight.double(), 1e-6), "RMSNorm differs in float64", atol=1e-10, rtol=1e-8)
+    expected = _reference_rms_norm(x, weight.double(), 1e-6)
+    if not same(y, expected, atol=1e-10, rtol=1e-8):
+        in_float32 = _reference_rms_norm(x.float(), weight.float(), 1e-6).double()
+        if same(y, in_float32, atol=1e-6, rtol=1e-5):
+            fail(
+                "for a float64 input your output has only float32 precision (it differs from "
+                f"the float64 result by {(y - expected).abs().max().item():.1e}): part of it is "
+                "computed in float32 (x.float(), a float32 constant or tensor). Compute in "
+                "the input's dtype."
+            )
+    expect_close(y, expected, "RMSNorm differs in float64", atol=1e-10, rtol=1e-8)
     norm = call(RMSNorm, 6, eps=1e-6, what="RMSNorm(6, eps=1e-6)")
     weight = _param(norm, "weight", (6,), 1, "RMSNorm")
     _set_(weight, _randn(6, seed=55))
@@ -612,6 +699,29 @@ def check_rms_norm(RMSNorm):  # noqa: N803 - the argument is a class
 # --------------------------------------------------------------------------- exercise 6.4
 
 
+def _check_dropout_rescaling(ScaledAddNorm, d, x, s) -> None:  # noqa: N803
+    """With the norm replaced by the identity, the kept sublayer values must be s / (1 - p)."""
+    block = call(ScaledAddNorm, d, alpha=1.5, dropout=0.5, what=f"ScaledAddNorm({d}, alpha=1.5, dropout=0.5)")
+    block.train()
+    block.norm = nn.Identity()  # what reaches the norm: alpha * x + dropout(s)
+    with torch.no_grad():
+        out = call(block, x, s, what="ScaledAddNorm in training mode")
+    branch = (out - 1.5 * x).double()
+    sd = s.double()
+    dropped = branch.abs() < 1e-5
+    if not dropped.any() or dropped.all():
+        return  # not plain dropout on s: the other checks judge it
+    if (((branch - 2 * sd).abs() < 1e-5) | dropped).all():
+        return  # kept values scaled by 1 / (1 - p) = 2
+    if (((branch - sd).abs() < 1e-5) | dropped).all():
+        fail(
+            "with dropout=0.5 in training mode, the sublayer values your dropout keeps are "
+            "not rescaled: they should be multiplied by 1 / (1 - p) = 2, so that the "
+            "expected value of dropout(s) is s and training matches evaluation, where "
+            "nothing is dropped. Use nn.Dropout, or divide the kept values by (1 - p)."
+        )
+
+
 @exercise("6.4", "Add & Norm with a scaled residual (DeepNorm)")
 def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a class
     """``ScaledAddNorm(d_model, alpha, dropout)(x, s)`` must equal ``LayerNorm(alpha * x + dropout(s))``."""
@@ -620,12 +730,25 @@ def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a clas
     for number, (alpha, shape) in enumerate([(2.0, (2, 5, d)), (1.0, (3, d)), (0.5, (1, 1, d))]):
         block = call(ScaledAddNorm, d, alpha=alpha, what=f"ScaledAddNorm({d}, alpha={alpha})")
         norm = getattr(block, "norm", None)
+        if isinstance(norm, nn.Module) and getattr(norm, "weight", None) is None:
+            fail(
+                "ScaledAddNorm.norm has no learned gain and shift (`weight` and `bias` are "
+                "None: nn.LayerNorm(d_model, elementwise_affine=False)?). The Add & Norm's "
+                "LayerNorm has both, gamma and beta: self.norm = LayerNorm(d_model) or "
+                "nn.LayerNorm(d_model)."
+            )
         if not (isinstance(norm, nn.Module) and isinstance(getattr(norm, "weight", None), torch.Tensor)):
             fail(
                 "ScaledAddNorm has no layer norm at `.norm` with a `weight`: keep it there, as "
                 "AddNorm does (self.norm = LayerNorm(d_model) or nn.LayerNorm(d_model))."
             )
         norm_bias = getattr(norm, "bias", None)
+        if norm_bias is None:
+            fail(
+                "ScaledAddNorm.norm has a learned gain but no shift (`bias` is None: "
+                "nn.LayerNorm(d_model, bias=False)?). The Add & Norm's LayerNorm has both, "
+                "gamma and beta: nn.LayerNorm(d_model) or the chapter's LayerNorm."
+            )
         if tuple(norm.weight.shape) != (d,) or not isinstance(norm_bias, torch.Tensor) or tuple(norm_bias.shape) != (d,):
             fail(f"ScaledAddNorm.norm should normalize over d_model = {d} features, with weight and bias of shape ({d},).")
         w, b = _randn(d, seed=80 + number, scale=0.5, shift=1.0), _randn(d, seed=85 + number)
@@ -662,7 +785,13 @@ def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a clas
         if alpha != 1.0:
             candidates += [
                 (ln(xd + alpha * sd), f"{what}: alpha scales the sublayer output; DeepNorm scales the residual x: norm(alpha * x + sublayer_output)."),
-                (ln(xd + sd), f"{what}: alpha is ignored: the residual x is multiplied by alpha before the sum is normalized."),
+                (
+                    ln(xd + sd),
+                    f"{what}: your output equals LayerNorm(x + sublayer_output). Either alpha "
+                    "is ignored, or it multiplies the whole sum, alpha * (x + sublayer_output), "
+                    "whose overall scale the LayerNorm removes again. DeepNorm multiplies the "
+                    "residual only: norm(alpha * x + sublayer_output).",
+                ),
             ]
         candidates += [
             (ln(sd), f"{what}: the residual x is missing: norm(alpha * x + sublayer_output)."),
@@ -700,6 +829,8 @@ def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a clas
             "with dropout=0.5 in training mode, two calls give the same output: dropout is not "
             "applied. Apply self.dropout (an nn.Dropout) to the sublayer output."
         )
+
+    _check_dropout_rescaling(ScaledAddNorm, d, x, s)
 
     # gradients reach x, the sublayer output and the norm's parameters
     block = call(ScaledAddNorm, d, alpha=2.0, what=f"ScaledAddNorm({d}, alpha=2.0)")
