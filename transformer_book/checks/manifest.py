@@ -167,7 +167,7 @@ NOTEBOOKS = {
                     "check": "check_residual_mlp_block",
                     "module": "transformer_book.checks.ch05",
                     "number": "5.1",
-                    "title": "A pre-norm residual MLP block"
+                    "title": "A residual MLP block that starts as the identity"
                 }
             ]
         },
