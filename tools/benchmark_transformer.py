@@ -1,7 +1,7 @@
 """Time one training step of our Transformer against the same model from torch.nn parts.
 
-    python tools/benchmark_transformer.py                 # the chapter-7 date model's size
-    python tools/benchmark_transformer.py --d-model 256 --heads 8 --d-ff 1024 --length 64
+    python tools/benchmark_transformer.py          # Transformer's default size, as chapter 7
+    python tools/benchmark_transformer.py --d-model 64 --d-ff 128   # the chapter's models
     python tools/benchmark_transformer.py --device cuda --repeats 50
 
 "The same model from torch.nn parts" is two nn.Embedding (scaled by sqrt(d_model), plus
@@ -104,11 +104,11 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--length", type=int, default=18, help="source length")
     parser.add_argument("--target-length", type=int, default=11)
     parser.add_argument("--vocab", type=int, default=50)
-    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers")
-    parser.add_argument("--d-ff", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--d-ff", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
