@@ -1,12 +1,14 @@
 """Chapter 7's model: parity with torch.nn's transformer, positions, masks and decoding."""
 
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from transformer_book.masking import causal_mask
+import transformer_book
+from transformer_book.masking import causal_mask, padding_mask
 from transformer_book.model import (
     Decoder,
     DecoderLayer,
@@ -14,11 +16,13 @@ from transformer_book.model import (
     EncoderLayer,
     FeedForward,
     PositionalEncoding,
+    Sublayer,
     Transformer,
     copy_torch_transformer_weights,
     greedy_decode,
     sinusoidal_positions,
 )
+from transformer_book.norm import AddNorm, PreNormResidual
 
 D, H, FF = 16, 4, 32
 
@@ -167,13 +171,6 @@ def test_greedy_decode_starts_with_bos_pads_after_eos_and_restores_mode():
 
 
 # ----- more properties of the model, and the whole model against nn.Transformer --------
-
-import warnings  # noqa: E402
-
-import transformer_book  # noqa: E402
-from transformer_book.masking import padding_mask  # noqa: E402
-from transformer_book.model import Sublayer  # noqa: E402
-from transformer_book.norm import AddNorm, PreNormResidual  # noqa: E402
 
 SRC = torch.tensor([[5, 6, 7, 8, 9, 10, 10], [5, 6, 7, 0, 0, 0, 0], [5, 6, 7, 8, 9, 0, 0]])
 TGT = torch.tensor([[1, 5, 6, 7, 8], [1, 5, 6, 0, 0], [1, 5, 0, 0, 0]])
