@@ -24,7 +24,7 @@ def sinusoidal_positions(length, d_model):
 
 
 class PositionalEncoding(nn.Module):
-    """x + PE[:L], then dropout; the table is a buffer (saved with the model, never trained)."""
+    """x + PE[:L], then dropout; the table is a non-persistent buffer, never trained."""
 
     def __init__(self, d_model, max_len=512, dropout=0.0):
         super().__init__()

@@ -1,0 +1,149 @@
+"""Time one training step of our Transformer against the same model from torch.nn parts.
+
+    python tools/benchmark_transformer.py          # Transformer's default size, as chapter 7
+    python tools/benchmark_transformer.py --d-model 64 --d-ff 128   # the chapter's models
+    python tools/benchmark_transformer.py --device cuda --repeats 50
+
+"The same model from torch.nn parts" is two nn.Embedding (scaled by sqrt(d_model), plus
+the same sinusoidal table), nn.Transformer(batch_first=True) with the two final
+LayerNorms it adds to post-LN stacks removed (our post-LN model, like the paper, has
+none), and an nn.Linear. Both get the same weights (checked: same logits) and the same
+batch of token ids with padding; a step is forward, cross-entropy with ignore_index,
+backward and an Adam step, in training mode with dropout 0. The steps alternate between
+the two models, so that a machine busy with other work slows both alike; after a
+warm-up, the median time of each is reported, and their ratio (ours / torch.nn's).
+The course's goal is a ratio of at most 1.15. This is a measurement, not a test: it
+never fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformer_book.masking import causal_mask
+from transformer_book.model import Transformer, copy_torch_transformer_weights
+
+PAD = 0
+
+
+class TorchParts(nn.Module):
+    """Our post-LN architecture from torch.nn parts, with the weights of `ours`."""
+
+    def __init__(self, ours: Transformer, num_heads: int, d_ff: int):
+        super().__init__()
+        self.d_model = ours.d_model
+        self.src_embed = nn.Embedding(*ours.src_embed.weight.shape)
+        self.tgt_embed = nn.Embedding(*ours.tgt_embed.weight.shape)
+        self.register_buffer("table", ours.positions.table.clone(), persistent=False)
+        self.transformer = nn.Transformer(
+            ours.d_model, num_heads, len(ours.encoder.layers), len(ours.decoder.layers),
+            d_ff, dropout=0.0, batch_first=True,
+        )
+        self.transformer.encoder.norm = None  # nn.Transformer adds them; the paper does not
+        self.transformer.decoder.norm = None
+        self.generator = nn.Linear(ours.d_model, ours.generator.out_features)
+        # weights: the stacks go torch -> ours, embeddings and output layer ours -> torch
+        copy_torch_transformer_weights(ours.encoder, self.transformer.encoder)
+        copy_torch_transformer_weights(ours.decoder, self.transformer.decoder)
+        for name in ("src_embed", "tgt_embed", "generator"):
+            getattr(self, name).load_state_dict(getattr(ours, name).state_dict())
+
+    def forward(self, src, tgt):
+        scale = math.sqrt(self.d_model)
+        x = self.src_embed(src) * scale + self.table[: src.size(1)]  # (B, L_src, d_model)
+        y = self.tgt_embed(tgt) * scale + self.table[: tgt.size(1)]  # (B, L_tgt, d_model)
+        pad_src, pad_tgt = src == PAD, tgt == PAD  # torch.nn: True = may not attend
+        out = self.transformer(
+            x, y, tgt_mask=~causal_mask(tgt.size(1), tgt.device),
+            src_key_padding_mask=pad_src, tgt_key_padding_mask=pad_tgt,
+            memory_key_padding_mask=pad_src,
+        )
+        return self.generator(out)  # (B, L_tgt, tgt_vocab_size)
+
+
+def random_batch(batch, length, vocab, device, generator):
+    """Token ids (B, L) in 3 .. vocab - 1, each row padded after a random length >= L / 2."""
+    tokens = torch.randint(3, vocab, (batch, length), generator=generator)
+    lengths = torch.randint(length // 2, length + 1, (batch, 1), generator=generator)
+    tokens[torch.arange(length)[None, :] >= lengths] = PAD
+    return tokens.to(device)
+
+
+def median_step_times(models, src, dec_in, target, repeats: int, warmup: int) -> list[float]:
+    """Median seconds of one training step of each model, the models alternating."""
+    cuda = src.device.type == "cuda"
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-4) for m in models]
+    times: list[list[float]] = [[] for _ in models]
+    for i in range(warmup + repeats):
+        for model, optimizer, record in zip(models, optimizers, times):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            logits = model(src, dec_in)  # (B, L_tgt, vocab)
+            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=PAD)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--length", type=int, default=18, help="source length")
+    parser.add_argument("--target-length", type=int, default=11)
+    parser.add_argument("--vocab", type=int, default=50)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers")
+    parser.add_argument("--d-ff", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    ours = Transformer(args.vocab, args.vocab, args.d_model, args.heads, args.layers,
+                       args.layers, args.d_ff, dropout=0.0)
+    theirs = TorchParts(ours, args.heads, args.d_ff)
+    ours, theirs = ours.to(args.device).train(), theirs.to(args.device).train()
+    generator = torch.Generator().manual_seed(1)
+    src = random_batch(args.batch, args.length, args.vocab, args.device, generator)
+    target = random_batch(args.batch, args.target_length, args.vocab, args.device, generator)
+    dec_in = torch.cat([torch.ones_like(target[:, :1]), target[:, :-1]], dim=1)  # BOS = 1
+    with torch.no_grad():
+        error = (ours(src, dec_in) - theirs(src, dec_in)).abs().max().item()
+    t_ours, t_theirs = median_step_times(
+        [ours, theirs], src, dec_in, target, args.repeats, args.warmup
+    )
+    ratio = t_ours / t_theirs
+    print(
+        f"one training step, batch {args.batch}, lengths {args.length}/{args.target_length}, "
+        f"d_model {args.d_model}, {args.heads} heads, {args.layers}+{args.layers} layers, "
+        f"d_ff {args.d_ff}, {args.device}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} steps after {args.warmup} warm-up"
+    )
+    print(f"  same weights: max |logit difference| {error:.1e}")
+    print(f"  ours (transformer_book.Transformer):     {t_ours * 1e3:8.2f} ms")
+    print(f"  torch.nn parts (nn.Transformer inside):  {t_theirs * 1e3:8.2f} ms")
+    verdict = "within" if ratio <= 1.15 else "above"
+    print(f"  ratio ours / torch: {ratio:.3f} ({verdict} the goal of 1.15)")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()
