@@ -4,7 +4,9 @@ Builds the book (``jupyter-book build . -W -n --keep-going``: warnings are error
 notebook execution is cached), serves ``_build/html`` on 127.0.0.1 and opens every page
 in Debian's Chromium through Playwright. On every page: all maths typeset with no
 MathJax error, every image loaded, no JavaScript error, and no request to any host but
-the local server. Every internal link (and its #anchor) resolves.
+the local server. Every internal link (and its #anchor) resolves. Every figure a
+notebook draws sits in a captioned, numbered <figure> and has a real alt text (not empty,
+not a file path: a screen reader reads it aloud).
 
 Without Chromium or Playwright the test is skipped locally, but fails when the
 environment variable CI or TRANSFORMER_BOOK_REQUIRE_BROWSER is set.
@@ -86,6 +88,13 @@ PAGE_FACTS = """async () => {
     untypeset: maths.filter(m => !m.querySelector('mjx-container')).map(m => m.textContent.slice(0, 80)),
     mathErrors: [...document.querySelectorAll('mjx-merror, .MathJax_Error')].map(e => e.textContent.slice(0, 80)),
     brokenImages: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src.slice(0, 100)),
+    badAlt: imgs.filter(i => i.closest('.cell_output') || i.closest('figure'))
+        .map(i => i.getAttribute('alt') || '')
+        .filter(a => a.trim().length < 8 || /[.](png|jpe?g|svg|gif)$/i.test(a.trim()) || a.includes('_images/'))
+        .map(a => a.slice(0, 80) || '(empty)'),
+    uncaptioned: imgs.filter(i => i.closest('.cell_output') &&
+        !(i.closest('figure') && i.closest('figure').querySelector('figcaption .caption-number')))
+        .map(i => i.src.slice(0, 100)),
     images: imgs.length,
     links: [...document.querySelectorAll('a[href]')].map(a => a.href),
     ids: [...document.querySelectorAll('[id]')].map(e => e.id),
@@ -146,7 +155,7 @@ def inspect_site(base: str, html_dir: Path, pages: list[str]) -> list[str]:
             facts = page.evaluate(PAGE_FACTS)
             if facts["maths"] and mathjax != "done":
                 problems.append(f"{name}: has maths but MathJax did not load")
-            for what in ("untypeset", "mathErrors", "brokenImages"):
+            for what in ("untypeset", "mathErrors", "brokenImages", "badAlt", "uncaptioned"):
                 if facts[what]:
                     problems.append(f"{name}: {what}: {facts[what][:3]}")
             if "interactive figure (" in facts["text"]:
@@ -187,6 +196,8 @@ BAD_PAGE = r"""<!doctype html><html><head>
 <link rel="stylesheet" href="https://fonts.example.com/font.css"></head><body>
 <span class="math">\(\frac{1}{\)</span>
 <img src="missing.png" alt="x"> <a href="nowhere.html">x</a> <a href="#no-such-id">y</a>
+<div class="cell_output"><figure><img src="missing.png" alt="../_images/eab7.png"></figure>
+<img src="missing.png" alt="A bar chart of weights per key"></div>
 </body></html>"""
 
 
@@ -209,6 +220,8 @@ def test_the_inspection_finds_what_it_looks_for(tmp_path):
     assert "brokenImages" in problems and "missing.png" in problems
     assert "broken link" in problems and "nowhere.html" in problems
     assert "missing anchor" in problems
+    assert "badAlt" in problems and "../_images/eab7.png" in problems
+    assert "uncaptioned" in problems
     assert "mathErrors" in problems or "untypeset" in problems, problems
 
 
@@ -225,6 +238,9 @@ def test_chapters_show_figures_maths_and_colab_buttons(site):
         html = (HTML / "book" / f"{chapter.stem}.html").read_text()
         assert re.search(r"<img[^>]+src=\"[^\"]+\.png\"", html), f"{chapter.name}: no figure"
         assert 'class="math' in html, f"{chapter.name}: no maths"
+        assert "Colab setup" not in html, f"{chapter.name}: the Colab setup cell is shown"
+        assert "import</span>" in html, f"{chapter.name}: the chapter's imports are not shown"
+        assert 'caption-number">Figure ' in html, f"{chapter.name}: no numbered figure"
         for folder in ("book", "exercises", "solutions"):
             page = HTML / folder / f"{chapter.stem}.html"
             if folder == "book" or (ROOT / folder / chapter.name).exists():
