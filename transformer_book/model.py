@@ -11,9 +11,12 @@ from transformer_book.norm import AddNorm, LayerNorm
 
 
 def sinusoidal_positions(length, d_model):
-    """(length, d_model): PE[p, 2i] = sin(p / 10000^(2i/d_model)), PE[p, 2i+1] = cos(...)."""
+    """(length, d_model) table: PE[p, 2i] = sin(p / 10000^(2i/d_model)),
+    PE[p, 2i+1] = cos(p / 10000^(2i/d_model))."""
     if d_model % 2:
-        raise ValueError(f"d_model must be even to pair sines and cosines; got {d_model}.")
+        raise ValueError(
+            f"d_model must be even to pair sines and cosines; got {d_model}."
+        )
     position = torch.arange(length, dtype=torch.float32)[:, None]  # (L, 1)
     two_i = torch.arange(0, d_model, 2, dtype=torch.float32)  # (d_model / 2,)
     angle = position / 10000 ** (two_i / d_model)  # (L, d_model / 2)
@@ -30,12 +33,15 @@ class PositionalEncoding(nn.Module):
         super().__init__()
         self.max_len = max_len
         self.dropout = nn.Dropout(dropout)
-        self.register_buffer("table", sinusoidal_positions(max_len, d_model), persistent=False)
+        table = sinusoidal_positions(max_len, d_model)  # (max_len, d_model)
+        self.register_buffer("table", table, persistent=False)
 
     def forward(self, x):
         length = x.size(1)
         if length > self.max_len:
-            raise ValueError(f"sequence length {length} exceeds max_len {self.max_len}.")
+            raise ValueError(
+                f"sequence length {length} exceeds max_len {self.max_len}."
+            )
         return self.dropout(x + self.table[:length])  # (B, L, d_model)
 
 
@@ -49,11 +55,12 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.linear2(self.dropout(torch.relu(self.linear1(x))))  # (B, L, d_model)
+        hidden = self.dropout(torch.relu(self.linear1(x)))  # (B, L, d_ff)
+        return self.linear2(hidden)  # (B, L, d_model)
 
 
 class Sublayer(nn.Module):
-    """One residual sublayer, post-LN or pre-LN: takes the sublayer function, in both cases."""
+    """One residual sublayer, post-LN or pre-LN; it takes the sublayer as a function."""
 
     def __init__(self, d_model, dropout=0.0, norm_first=False):
         super().__init__()
@@ -69,7 +76,7 @@ class Sublayer(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention then feed-forward, each inside a residual sublayer (post-LN or pre-LN)."""
+    """Self-attention, then feed-forward, each inside a residual Sublayer."""
 
     def __init__(self, d_model, num_heads, d_ff, dropout=0.0, norm_first=False):
         super().__init__()
@@ -79,7 +86,7 @@ class EncoderLayer(nn.Module):
         self.sublayer2 = Sublayer(d_model, dropout, norm_first)
 
     def forward(self, x, mask=None):
-        x = self.sublayer1(x, lambda h: self.self_attn(h, h, h, mask))  # (B, L, d_model)
+        x = self.sublayer1(x, lambda h: self.self_attn(h, h, h, mask))  # (B, L, d)
         return self.sublayer2(x, self.feed_forward)  # (B, L, d_model)
 
 
@@ -102,10 +109,15 @@ class DecoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, d_model, num_heads, d_ff, num_layers, dropout=0.0, norm_first=False):
+    """A stack of EncoderLayers, called like one: encoder(x, mask); pre-LN adds a final
+    LayerNorm (post-LN layers already end with one)."""
+
+    def __init__(self, d_model, num_heads, d_ff, num_layers, dropout=0.0,
+                 norm_first=False):
         super().__init__()
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model, num_heads, d_ff, dropout, norm_first) for _ in range(num_layers)
+            EncoderLayer(d_model, num_heads, d_ff, dropout, norm_first)
+            for _ in range(num_layers)
         )
         self.norm = LayerNorm(d_model) if norm_first else nn.Identity()
 
@@ -116,7 +128,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, d_model, num_heads, d_ff, num_layers, dropout=0.0, norm_first=False):
+    def __init__(self, d_model, num_heads, d_ff, num_layers, dropout=0.0,
+                 norm_first=False):
         super().__init__()
         self.layers = nn.ModuleList(
             DecoderLayer(d_model, num_heads, d_ff, dropout, norm_first) for _ in range(num_layers)
@@ -183,10 +196,12 @@ def greedy_decode(model, src, bos_id, eos_id, max_len):
 
 
 def copy_torch_transformer_weights(ours, theirs):
-    """Copy weights from torch.nn's transformer layers or stacks into ours (same shapes)."""
+    """Copy torch.nn's transformer layer or stack weights into ours (same shapes)."""
     if isinstance(theirs, (nn.TransformerEncoder, nn.TransformerDecoder)):
         if len(ours.layers) != len(theirs.layers):
-            raise ValueError(f"{len(ours.layers)} layers here, {len(theirs.layers)} there.")
+            raise ValueError(
+                f"{len(ours.layers)} layers here, {len(theirs.layers)} there."
+            )
         for mine, torch_layer in zip(ours.layers, theirs.layers):
             copy_torch_transformer_weights(mine, torch_layer)
         if (theirs.norm is None) != isinstance(ours.norm, nn.Identity):
