@@ -4,7 +4,6 @@
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from transformer_book.attention import scaled_dot_product_attention
 
@@ -95,7 +94,9 @@ class MultiHeadAttention(nn.Module):
                 "mask must be a boolean tensor, True where a query may attend."
             )
         p = self.dropout.p if self.training else 0.0
-        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        heads = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p
+        )  # (B, heads, Lq, d_head); the (Lq, Lk) weights are never stored
         if mask is not None:
             # a query with no allowed key gets a zero output, as on the explicit path,
             # whatever the kernel (versions and devices differ) returns there

@@ -1,0 +1,118 @@
+"""Chapter 8: the fused path and the key/value cache of MultiHeadAttention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformer_book import MultiHeadAttention, causal_mask, padding_mask
+
+
+def _module(d_model=16, num_heads=4, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    return MultiHeadAttention(d_model, num_heads, dropout=dropout)
+
+
+def _masks(batch=3, length=6):
+    tokens = torch.tensor([[5, 3, 2, 7, 1, 4], [6, 2, 9, 0, 0, 0], [3, 3, 0, 0, 0, 0]])
+    pad = padding_mask(tokens[:batch, :length], 0)  # (B, 1, 1, L)
+    return {
+        "none": None,
+        "causal": causal_mask(length),
+        "padding": pad,
+        "both": causal_mask(length) & pad,
+    }
+
+
+@pytest.mark.parametrize("mask_name", ["none", "causal", "padding", "both"])
+def test_fused_agrees_with_the_explicit_path(mask_name):
+    module = _module().eval()
+    x = torch.randn(3, 6, 16)
+    mask = _masks()[mask_name]
+    explicit = module(x, x, x, mask)
+    assert module.attention_weights is not None
+    fused = module(x, x, x, mask, need_weights=False)
+    assert module.attention_weights is None  # never a stale map
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_gradients_agree():
+    module = _module().eval()
+    mask = _masks()["both"]
+    x1 = torch.randn(3, 6, 16, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    module(x1, x1, x1, mask).square().sum().backward()
+    explicit_grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    module(x2, x2, x2, mask, need_weights=False).square().sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-5)
+    for p, g in zip(module.parameters(), explicit_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+
+
+def test_fully_masked_rows_give_zeros_on_both_paths():
+    module = _module().eval()
+    x = torch.randn(2, 4, 16)
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool)
+    mask[0, :, 1] = False  # query 1 of sequence 0 may attend nothing
+    explicit = module(x, x, x, mask)
+    fused = module(x, x, x, mask, need_weights=False)
+    assert not torch.isnan(fused).any()
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused[0, 1], module.w_o.bias)  # zero heads, then W_o
+
+
+def test_the_attribute_selects_the_path_and_the_argument_wins():
+    module = _module().eval()
+    x = torch.randn(2, 5, 16)
+    module.need_weights = False
+    module(x, x, x)
+    assert module.attention_weights is None
+    module(x, x, x, need_weights=True)
+    assert module.attention_weights.shape == (2, 4, 5, 5)
+
+
+def test_fused_path_refuses_a_float_mask():
+    module = _module()
+    x = torch.randn(1, 3, 16)
+    with pytest.raises(TypeError, match="boolean"):
+        module(x, x, x, torch.ones(3, 3), need_weights=False)
+
+
+def test_fused_dropout_is_active_in_training_and_off_in_eval():
+    module = _module(dropout=0.5)
+    x = torch.randn(2, 8, 16)
+    module.train()
+    a = module(x, x, x, need_weights=False)
+    b = module(x, x, x, need_weights=False)
+    assert not torch.allclose(a, b)
+    module.eval()
+    torch.testing.assert_close(module(x, x, x, need_weights=False), module(x, x, x))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_self_attention_cache_matches_the_full_causal_pass(need_weights):
+    module = _module().eval()
+    x = torch.randn(2, 7, 16)
+    full = module(x, x, x, causal_mask(7), need_weights=need_weights)
+    cache: dict = {}
+    steps = []
+    for t in range(7):
+        x_t = x[:, t : t + 1]
+        steps.append(module(x_t, x_t, x_t, need_weights=need_weights, cache=cache))
+        assert cache["k"].shape == (2, 4, t + 1, 4)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_projects_the_memory_once():
+    module = _module().eval()
+    memory, x = torch.randn(2, 5, 16), torch.randn(2, 4, 16)
+    mask = _masks(2, 5)["padding"]
+    full = module(x, memory, memory, mask)
+    calls = []
+    handle = module.w_k.register_forward_hook(lambda *args: calls.append(1))
+    cache = {"static": True}
+    steps = [module(x[:, t : t + 1], memory, memory, mask, cache=cache) for t in range(4)]
+    handle.remove()
+    assert len(calls) == 1
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
