@@ -6,6 +6,18 @@ checks and the grader are written by hand.
 
 from .attention import scaled_dot_product_attention
 from .masking import causal_mask, padding_mask
+from .model import (
+    Decoder,
+    DecoderLayer,
+    Encoder,
+    EncoderLayer,
+    FeedForward,
+    PositionalEncoding,
+    Transformer,
+    copy_torch_transformer_weights,
+    greedy_decode,
+    sinusoidal_positions,
+)
 from .multihead import MultiHeadAttention
 from .norm import AddNorm, LayerNorm, PreNormResidual
 from .residual import Residual
@@ -19,5 +31,15 @@ __all__ = [
     "LayerNorm",  # chapter 6
     "AddNorm",
     "PreNormResidual",
+    "sinusoidal_positions",  # chapter 7
+    "PositionalEncoding",
+    "FeedForward",
+    "EncoderLayer",
+    "DecoderLayer",
+    "Encoder",
+    "Decoder",
+    "Transformer",
+    "greedy_decode",
+    "copy_torch_transformer_weights",
 ]
 __version__ = "0.1.0"

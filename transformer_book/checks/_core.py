@@ -7,6 +7,11 @@ says what is wrong and the likely misconception.
 
 When the environment variable ``TRANSFORMER_BOOK_GRADE_LOG`` names a file, every check
 appends one JSON line to it (``python -m transformer_book.grade`` reads them).
+
+In Jupyter and Colab a failed check shows as its message under a ✗ and the exercise's
+label, not as a traceback through this module: IPython renders an exception that has a
+``_render_traceback_`` method with it. When the student's own code crashed, the frames
+of the student's code are shown below the message.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import functools
 import inspect
 import json
 import os
+import sysconfig
+import traceback
+from pathlib import Path
 
 import torch
 
@@ -23,12 +31,66 @@ GRADE_LOG = "TRANSFORMER_BOOK_GRADE_LOG"
 REGISTRY: dict[str, Exercise] = {}
 
 
-class CheckFailure(AssertionError):
+_PACKAGE = Path(__file__).resolve().parents[1]  # transformer_book/
+_LIBRARIES = {
+    str(Path(p).resolve())
+    for key in ("stdlib", "platstdlib", "purelib", "platlib")
+    if (p := sysconfig.get_paths().get(key))
+}
+_RED, _BOLD, _RESET = "\x1b[31m", "\x1b[1m", "\x1b[0m"
+
+
+class _ShownAsMessage:
+    """Mixin: IPython shows the exception as its message, under the exercise's label."""
+
+    exercise: str | None = None  # set by the check that raised it
+
+    def _render_traceback_(self) -> list[str]:
+        head = f"✗ {self.exercise}" if self.exercise else "✗ check failed"
+        lines = [f"{_RED}{_BOLD}{head}{_RESET}", *str(self).splitlines()]
+        cause = self.__cause__
+        if cause is not None and not isinstance(cause, NotImplementedError):
+            frames = _student_traceback(cause)
+            if frames:
+                lines += ["", "Where your code raised it:", *frames]
+        return lines
+
+
+class CheckFailure(_ShownAsMessage, AssertionError):
     """A check found a mistake; the message says which one."""
 
 
-class CheckUsageError(TypeError):
+class CheckUsageError(_ShownAsMessage, TypeError):
     """A check was called with the wrong kind of argument."""
+
+
+def _is_library(filename: str) -> bool:
+    """Whether a frame's file belongs to Python, an installed package or this package."""
+    if filename.startswith("<frozen"):
+        return True
+    path = str(Path(filename).resolve())
+    return path.startswith(str(_PACKAGE)) or any(path.startswith(lib) for lib in _LIBRARIES)
+
+
+def _student_traceback(error: BaseException) -> list[str]:
+    """The lines of ``error``'s traceback from the first frame of the student's code on."""
+    tb = error.__traceback__
+    while tb is not None and _is_library(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    if tb is None:
+        return []  # no frame of the student's code: nothing of theirs to show
+    try:  # in IPython: its own formatting ("Cell In[3], line 4"), colours included
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None:
+            return list(shell.InteractiveTB.structured_traceback(type(error), error, tb))
+    except Exception:  # noqa: BLE001, S110 - fall back to the plain format below
+        pass
+    return [
+        line.rstrip("\n")
+        for line in traceback.format_exception(type(error), error, tb, chain=False)
+    ]
 
 
 class Exercise:
@@ -47,7 +109,8 @@ class Exercise:
         __tracebackhide__ = True  # noqa: F841 (read by pytest and IPython)
         try:
             self.func(*args, **kwargs)
-        except CheckFailure as failure:
+        except (CheckFailure, CheckUsageError) as failure:
+            failure.exercise = self.label
             _log(self, False, str(failure))
             raise failure.with_traceback(None)  # noqa: B904 (the cause, if any, is kept)
         except NotImplementedError as error:
@@ -55,16 +118,38 @@ class Exercise:
                 "not done yet: replace `raise NotImplementedError()` with your code, "
                 "then run this cell again."
             )
-            _log(self, False, message)
-            raise CheckFailure(message) from error
-        except CheckUsageError as error:
-            _log(self, False, str(error))
-            raise error.with_traceback(None)  # noqa: B904
+            raise self._failure(message) from error
+        except Exception as error:  # noqa: BLE001 - the check's own computation crashed
+            raise self._failure(_crash_message(error)) from error
         _log(self, True, "passed")
         print(f"✓ {self.label}: passed")
 
+    def _failure(self, message: str) -> CheckFailure:
+        _log(self, False, message)
+        failure = CheckFailure(message)
+        failure.exercise = self.label
+        return failure
+
     def __repr__(self) -> str:
         return f"<check {self.name}: {self.label}>"
+
+
+def _crash_message(error: Exception) -> str:
+    """The finding when a check's own computation (not the student's call) crashed.
+
+    This happens when the student's result breaks what the check does with it next,
+    typically autograd after the student's code changed a tensor in place.
+    """
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.split(" Hint: ")[0]  # autograd's hint is about debugging tools, not the fix
+    message = f"checking your result raised {type(error).__name__}: {text}".rstrip(": ")
+    if "inplace operation" in text or "in-place operation" in text:
+        message += (
+            " Your code changes in place a tensor that autograd still needs (e.g. "
+            "`y /= ...`, `y.exp_()`, `y[...] = ...` after computing y): compute a new "
+            "tensor instead (`y = y / ...`)."
+        )
+    return message if message.endswith(".") else message + "."
 
 
 def exercise(number: str, title: str):
