@@ -95,9 +95,15 @@ class DecoderLayer(nn.Module):
         self.sublayer2 = Sublayer(d_model, dropout, norm_first)
         self.sublayer3 = Sublayer(d_model, dropout, norm_first)
 
-    def forward(self, x, memory, tgt_mask=None, memory_mask=None):
-        x = self.sublayer1(x, lambda h: self.self_attn(h, h, h, tgt_mask))  # (B, L_t, d)
-        x = self.sublayer2(x, lambda h: self.cross_attn(h, memory, memory, memory_mask))
+    def forward(self, x, memory, tgt_mask=None, memory_mask=None, cache=None):
+        self_kv = cross_kv = None
+        if cache is not None:  # chapter 8: this layer's keys and values, kept per step
+            self_kv = cache.setdefault("self", {})
+            cross_kv = cache.setdefault("cross", {"static": True})  # memory: made once
+        x = self.sublayer1(x, lambda h: self.self_attn(h, h, h, tgt_mask, cache=self_kv))
+        x = self.sublayer2(
+            x, lambda h: self.cross_attn(h, memory, memory, memory_mask, cache=cross_kv)
+        )  # (B, L_t, d_model)
         return self.sublayer3(x, self.feed_forward)  # (B, L_t, d_model)
 
 
@@ -123,9 +129,10 @@ class Decoder(nn.Module):
         )
         self.norm = LayerNorm(d_model) if norm_first else nn.Identity()
 
-    def forward(self, x, memory, tgt_mask=None, memory_mask=None):
-        for layer in self.layers:
-            x = layer(x, memory, tgt_mask, memory_mask)
+    def forward(self, x, memory, tgt_mask=None, memory_mask=None, cache=None):
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.setdefault(i, {})  # chapter 8
+            x = layer(x, memory, tgt_mask, memory_mask, cache=layer_cache)
         return self.norm(x)
 
 
@@ -152,12 +159,32 @@ class Transformer(nn.Module):
     def encode(self, src):
         return self.encoder(self.embed(self.src_embed, src), padding_mask(src, self.pad_id))
 
-    def decode(self, tgt, memory, src):
+    def decode(self, tgt, memory, src, cache=None):
+        if cache is not None:  # chapter 8: tgt holds only the positions not yet cached
+            return self._decode_cached(tgt, memory, src, cache)
         length = tgt.size(1)
         tgt_mask = padding_mask(tgt, self.pad_id) & causal_mask(length, tgt.device)  # (B,1,L,L)
         x = self.decoder(self.embed(self.tgt_embed, tgt), memory, tgt_mask,
                          padding_mask(src, self.pad_id))
         return self.generator(x)  # (B, L_tgt, tgt_vocab_size)
+
+    def _decode_cached(self, tgt, memory, src, cache):
+        start, new = cache.get("length", 0), tgt.size(1)  # positions cached, new ones
+        if start + new > self.positions.max_len:
+            raise ValueError(
+                f"sequence length {start + new} exceeds max_len {self.positions.max_len}."
+            )
+        x = self.tgt_embed(tgt) * self.d_model**0.5  # (B, new, d_model)
+        x = self.positions.dropout(x + self.positions.table[start : start + new])
+        real = tgt != self.pad_id  # (B, new)
+        if "real" in cache:
+            real = torch.cat([cache["real"], real], dim=1)  # (B, start + new)
+        cache["real"], cache["length"] = real, start + new
+        keys = torch.arange(start + new, device=tgt.device)  # (start + new,)
+        queries = keys[start:, None]  # (new, 1): the new positions
+        tgt_mask = (keys <= queries) & real[:, None, None, :]  # (B, 1, new, start + new)
+        x = self.decoder(x, memory, tgt_mask, padding_mask(src, self.pad_id), cache=cache)
+        return self.generator(x)  # (B, new, tgt_vocab_size)
 
     def forward(self, src, tgt):
         return self.decode(tgt, self.encode(src), src)
