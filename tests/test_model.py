@@ -178,10 +178,15 @@ TGT = torch.tensor([[1, 5, 6, 7, 8], [1, 5, 6, 0, 0], [1, 5, 0, 0, 0]])
 
 def test_public_names_are_exported_from_the_package_top_level():
     for name in ("sinusoidal_positions", "PositionalEncoding", "FeedForward", "EncoderLayer",
-                 "DecoderLayer", "Encoder", "Decoder", "Transformer", "greedy_decode",
+                 "DecoderLayer", "Encoder", "Decoder", "Transformer",
                  "copy_torch_transformer_weights"):
         assert getattr(transformer_book, name) is getattr(transformer_book.model, name)
         assert name in transformer_book.__all__
+    # chapter 8 makes the top-level greedy_decode the cached one; chapter 7's stays put
+    from transformer_book import decoding
+
+    assert transformer_book.greedy_decode is decoding.greedy_decode
+    assert "greedy_decode" in transformer_book.__all__
 
 
 def test_sinusoidal_known_values_and_not_sin_cos_swapped():

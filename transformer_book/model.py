@@ -36,13 +36,13 @@ class PositionalEncoding(nn.Module):
         table = sinusoidal_positions(max_len, d_model)  # (max_len, d_model)
         self.register_buffer("table", table, persistent=False)
 
-    def forward(self, x):
-        length = x.size(1)
-        if length > self.max_len:
-            raise ValueError(
-                f"sequence length {length} exceeds max_len {self.max_len}."
-            )
-        return self.dropout(x + self.table[:length])  # (B, L, d_model)
+    def forward(self, x, start=0):
+        """x holds positions start, start + 1, ... (start > 0 only when decoding step by
+        step with chapter 8's cache)."""
+        end = start + x.size(1)
+        if end > self.max_len:
+            raise ValueError(f"sequence length {end} exceeds max_len {self.max_len}.")
+        return self.dropout(x + self.table[start:end])  # (B, L, d_model)
 
 
 class FeedForward(nn.Module):
@@ -91,7 +91,7 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Masked self-attention, cross-attention over the encoder's memory, feed-forward."""
+    """Masked self-attention, cross-attention over the memory, then feed-forward."""
 
     def __init__(self, d_model, num_heads, d_ff, dropout=0.0, norm_first=False):
         super().__init__()
@@ -102,9 +102,17 @@ class DecoderLayer(nn.Module):
         self.sublayer2 = Sublayer(d_model, dropout, norm_first)
         self.sublayer3 = Sublayer(d_model, dropout, norm_first)
 
-    def forward(self, x, memory, tgt_mask=None, memory_mask=None):
-        x = self.sublayer1(x, lambda h: self.self_attn(h, h, h, tgt_mask))  # (B, L_t, d)
-        x = self.sublayer2(x, lambda h: self.cross_attn(h, memory, memory, memory_mask))
+    def forward(self, x, memory, tgt_mask=None, memory_mask=None, cache=None):
+        self_kv = cross_kv = None
+        if cache is not None:  # chapter 8: this layer's keys and values, kept per step
+            self_kv = cache.setdefault("self", {})
+            cross_kv = cache.setdefault("cross", {"static": True})  # memory: made once
+        x = self.sublayer1(
+            x, lambda h: self.self_attn(h, h, h, tgt_mask, cache=self_kv)
+        )  # (B, L_t, d_model)
+        x = self.sublayer2(
+            x, lambda h: self.cross_attn(h, memory, memory, memory_mask, cache=cross_kv)
+        )  # (B, L_t, d_model)
         return self.sublayer3(x, self.feed_forward)  # (B, L_t, d_model)
 
 
@@ -128,22 +136,28 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """A stack of DecoderLayers, called like one: decoder(x, memory, tgt_mask,
+    memory_mask); every layer reads the same memory."""
+
     def __init__(self, d_model, num_heads, d_ff, num_layers, dropout=0.0,
                  norm_first=False):
         super().__init__()
         self.layers = nn.ModuleList(
-            DecoderLayer(d_model, num_heads, d_ff, dropout, norm_first) for _ in range(num_layers)
+            DecoderLayer(d_model, num_heads, d_ff, dropout, norm_first)
+            for _ in range(num_layers)
         )
         self.norm = LayerNorm(d_model) if norm_first else nn.Identity()
 
-    def forward(self, x, memory, tgt_mask=None, memory_mask=None):
-        for layer in self.layers:
-            x = layer(x, memory, tgt_mask, memory_mask)
+    def forward(self, x, memory, tgt_mask=None, memory_mask=None, cache=None):
+        for i, layer in enumerate(self.layers):
+            # chapter 8: each layer keeps its own keys and values
+            layer_cache = None if cache is None else cache.setdefault(i, {})
+            x = layer(x, memory, tgt_mask, memory_mask, cache=layer_cache)
         return self.norm(x)
 
 
 class Transformer(nn.Module):
-    """The encoder-decoder transformer of Vaswani et al. (2017), batch first, token ids in."""
+    """The encoder-decoder transformer of Vaswani et al. (2017): ids in, logits out."""
 
     def __init__(self, src_vocab_size, tgt_vocab_size, d_model=128, num_heads=4,
                  num_encoder_layers=2, num_decoder_layers=2, d_ff=512, dropout=0.1,
@@ -155,22 +169,44 @@ class Transformer(nn.Module):
         for embedding in (self.src_embed, self.tgt_embed):
             nn.init.normal_(embedding.weight, std=d_model**-0.5)
         self.positions = PositionalEncoding(d_model, max_len, dropout)
-        self.encoder = Encoder(d_model, num_heads, d_ff, num_encoder_layers, dropout, norm_first)
-        self.decoder = Decoder(d_model, num_heads, d_ff, num_decoder_layers, dropout, norm_first)
+        self.encoder = Encoder(d_model, num_heads, d_ff, num_encoder_layers, dropout,
+                               norm_first)
+        self.decoder = Decoder(d_model, num_heads, d_ff, num_decoder_layers, dropout,
+                               norm_first)
         self.generator = nn.Linear(d_model, tgt_vocab_size)
 
-    def embed(self, embedding, tokens):
-        return self.positions(embedding(tokens) * self.d_model**0.5)  # (B, L, d_model)
+    def embed(self, embedding, tokens, start=0):
+        x = embedding(tokens) * self.d_model**0.5  # (B, L, d_model)
+        return self.positions(x, start)  # (B, L, d_model)
 
     def encode(self, src):
-        return self.encoder(self.embed(self.src_embed, src), padding_mask(src, self.pad_id))
+        src_mask = padding_mask(src, self.pad_id)  # (B, 1, 1, L_src)
+        return self.encoder(self.embed(self.src_embed, src), src_mask)
 
-    def decode(self, tgt, memory, src):
+    def decode(self, tgt, memory, src, cache=None):
+        if cache is not None:  # chapter 8: tgt holds only the positions not yet cached
+            return self._decode_cached(tgt, memory, src, cache)
         length = tgt.size(1)
-        tgt_mask = padding_mask(tgt, self.pad_id) & causal_mask(length, tgt.device)  # (B,1,L,L)
+        causal = causal_mask(length, tgt.device)  # (L_tgt, L_tgt)
+        tgt_mask = padding_mask(tgt, self.pad_id) & causal  # (B, 1, L_tgt, L_tgt)
         x = self.decoder(self.embed(self.tgt_embed, tgt), memory, tgt_mask,
                          padding_mask(src, self.pad_id))
         return self.generator(x)  # (B, L_tgt, tgt_vocab_size)
+
+    def _decode_cached(self, tgt, memory, src, cache):
+        start, new = cache.get("length", 0), tgt.size(1)  # positions cached, new ones
+        x = self.embed(self.tgt_embed, tgt, start)  # (B, new, d_model)
+        real = tgt != self.pad_id  # (B, new)
+        if "real" in cache:
+            real = torch.cat([cache["real"], real], dim=1)  # (B, start + new)
+        cache["real"], cache["length"] = real, start + new
+        keys = torch.arange(start + new, device=tgt.device)  # (start + new,)
+        queries = keys[start:, None]  # (new, 1): the new positions
+        # causal over all positions so far, and no padding: (B, 1, new, start + new)
+        tgt_mask = (keys <= queries) & real[:, None, None, :]
+        src_mask = padding_mask(src, self.pad_id)  # (B, 1, 1, L_src)
+        x = self.decoder(x, memory, tgt_mask, src_mask, cache=cache)
+        return self.generator(x)  # (B, new, tgt_vocab_size)
 
     def forward(self, src, tgt):
         return self.decode(tgt, self.encode(src), src)

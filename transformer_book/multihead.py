@@ -27,12 +27,19 @@ def merge_heads(x):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention with batch-first tensors and a boolean mask (True = may attend).
+    """Multi-head attention, batch-first, with a boolean mask (True = may attend).
 
-    forward(query (B, Lq, d_model), key (B, Lk, d_model), value (B, Lk, d_model), mask=None)
-    returns (B, Lq, d_model). mask is a bool tensor broadcastable to (B, num_heads, Lq, Lk).
-    The weights of the last call, before dropout, are kept on .attention_weights,
-    shape (B, num_heads, Lq, Lk).
+    forward(query (B, Lq, d_model), key (B, Lk, d_model), value (B, Lk, d_model),
+    mask=None) returns (B, Lq, d_model); mask is a bool tensor broadcastable to
+    (B, num_heads, Lq, Lk). The weights of the last call, before dropout, are kept on
+    .attention_weights, shape (B, num_heads, Lq, Lk).
+
+    Chapter 8 adds two optional arguments. need_weights=False (or the attribute
+    self.need_weights = False) runs the heads through F.scaled_dot_product_attention,
+    which never stores the weights; .attention_weights is then None. cache, a dict,
+    keeps this module's keys and values between decoding steps: new ones are appended
+    along the length axis, or, when cache["static"] is True, computed once from `key`
+    and `value` and reused.
     """
 
     def __init__(self, d_model, num_heads, dropout=0.0, bias=True):
@@ -50,16 +57,52 @@ class MultiHeadAttention(nn.Module):
         self.w_o = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.attention_weights = None
+        self.need_weights = True  # chapter 8: False selects the fused kernel
 
-    def forward(self, query, key, value, mask=None):
+    def forward(self, query, key, value, mask=None, need_weights=None, cache=None):
         q = split_heads(self.w_q(query), self.num_heads)  # (B, heads, Lq, d_head)
-        k = split_heads(self.w_k(key), self.num_heads)  # (B, heads, Lk, d_head)
-        v = split_heads(self.w_v(value), self.num_heads)  # (B, heads, Lk, d_head)
-        heads, weights = scaled_dot_product_attention(q, k, v, mask)  # (B, heads, Lq, d_head)
+        k, v = self._keys_values(key, value, cache)  # (B, heads, Lk, d_head) each
+        if need_weights is None:
+            need_weights = self.need_weights
+        if not need_weights:
+            heads = self._fused(q, k, v, mask)  # (B, heads, Lq, d_head)
+            self.attention_weights = None  # not computed: never a stale map
+            return self.w_o(merge_heads(heads))  # (B, Lq, d_model)
+        # (B, heads, Lq, d_head) and (B, heads, Lq, Lk)
+        heads, weights = scaled_dot_product_attention(q, k, v, mask)
         if self.training and self.dropout.p > 0:
-            heads = self.dropout(weights) @ v  # (B, heads, Lq, d_head), weights dropped out
+            heads = self.dropout(weights) @ v  # (B, heads, Lq, d_head), dropped out
         self.attention_weights = weights.detach()  # (B, heads, Lq, Lk)
         return self.w_o(merge_heads(heads))  # (B, Lq, d_model)
+
+    def _keys_values(self, key, value, cache):
+        if cache is not None and cache.get("static") and "k" in cache:
+            return cache["k"], cache["v"]  # the memory's keys and values, made once
+        k = split_heads(self.w_k(key), self.num_heads)  # (B, heads, L_new, d_head)
+        v = split_heads(self.w_v(value), self.num_heads)  # (B, heads, L_new, d_head)
+        if cache is not None:
+            if "k" in cache:  # append the new positions after the cached ones
+                k = torch.cat([cache["k"], k], dim=2)  # (B, heads, Lk, d_head)
+                v = torch.cat([cache["v"], v], dim=2)  # (B, heads, Lk, d_head)
+            cache["k"], cache["v"] = k, v
+        return k, v
+
+    def _fused(self, q, k, v, mask):
+        is_bool = torch.is_tensor(mask) and mask.dtype == torch.bool
+        if mask is not None and not is_bool:
+            raise TypeError(
+                "mask must be a boolean tensor, True where a query may attend."
+            )
+        p = self.dropout.p if self.training else 0.0
+        heads = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p
+        )  # (B, heads, Lq, d_head); the (Lq, Lk) weights are never stored
+        if mask is not None:
+            # a query with no allowed key gets a zero output, as on the explicit path,
+            # whatever the kernel (versions and devices differ) returns there
+            allowed = mask.any(dim=-1, keepdim=True)  # (..., Lq, 1)
+            heads = torch.where(allowed, heads, 0.0)
+        return heads
 
 
 def copy_torch_mha_weights(mha, torch_mha):

@@ -296,5 +296,51 @@ NOTEBOOKS = {
                 }
             ]
         }
+    ],
+    "08_fast_decoding.ipynb": [
+        {
+            "source": "check_self_attention_step(self_attention_step)",
+            "exercises": [
+                {
+                    "check": "check_self_attention_step",
+                    "module": "transformer_book.checks.ch08",
+                    "number": "8.1",
+                    "title": "One step of self-attention with a key/value cache"
+                }
+            ]
+        },
+        {
+            "source": "check_cross_attention_step(cross_attention_step)",
+            "exercises": [
+                {
+                    "check": "check_cross_attention_step",
+                    "module": "transformer_book.checks.ch08",
+                    "number": "8.2",
+                    "title": "Cross-attention that projects the memory once"
+                }
+            ]
+        },
+        {
+            "source": "check_sliding_window_step(sliding_window_step)",
+            "exercises": [
+                {
+                    "check": "check_sliding_window_step",
+                    "module": "transformer_book.checks.ch08",
+                    "number": "8.3",
+                    "title": "A sliding-window cache"
+                }
+            ]
+        },
+        {
+            "source": "check_kv_cache_bytes(kv_cache_bytes)",
+            "exercises": [
+                {
+                    "check": "check_kv_cache_bytes",
+                    "module": "transformer_book.checks.ch08",
+                    "number": "8.4",
+                    "title": "The size of a grouped-query cache"
+                }
+            ]
+        }
     ]
 }

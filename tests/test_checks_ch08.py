@@ -1,0 +1,217 @@
+"""The chapter 8 checks name realistic mistakes (what every check must do: test_checks_all.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from notebook_code import namespace
+
+from transformer_book.checks import CheckFailure
+from transformer_book.checks.ch08 import (
+    check_cross_attention_step,
+    check_kv_cache_bytes,
+    check_self_attention_step,
+    check_sliding_window_step,
+)
+from transformer_book.multihead import merge_heads, split_heads
+
+NOTEBOOK = "08_fast_decoding.ipynb"
+CHECKS = {
+    "self_attention_step": check_self_attention_step,
+    "cross_attention_step": check_cross_attention_step,
+    "sliding_window_step": check_sliding_window_step,
+    "kv_cache_bytes": check_kv_cache_bytes,
+}
+
+
+@pytest.fixture(scope="module")
+def solutions():
+    return namespace(f"solutions/{NOTEBOOK}")
+
+
+def test_checks_leave_the_global_random_state_alone(solutions):
+    state = torch.get_rng_state()
+    for name, check in CHECKS.items():
+        check(solutions[name])
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ----------------------------------------------------------------------------- 8.1
+
+
+def _self_step(axis=2, mask=None, prepend=False, replace=False, scale=None, keep_new=True):
+    """A wrong answer family for 8.1."""
+
+    def self_attention_step(query, key, value, cache):
+        new_k, new_v = key, value
+        if "k" in cache and not replace:
+            parts_k, parts_v = [cache["k"], key], [cache["v"], value]
+            if prepend:
+                parts_k, parts_v = parts_k[::-1], parts_v[::-1]
+            key, value = torch.cat(parts_k, dim=axis), torch.cat(parts_v, dim=axis)
+        cache["k"], cache["v"] = key, value
+        if not keep_new and key.size(2) > 1:
+            key, value = key[:, :, :-1], value[:, :, :-1]
+        if mask == "causal":
+            n = key.size(2)
+            m = torch.ones(1, n, dtype=torch.bool).tril()  # (1, n): keeps key 0 only
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=m)
+        if mask == "new only":
+            return F.scaled_dot_product_attention(query, new_k, new_v)
+        return F.scaled_dot_product_attention(query, key, value, scale=scale)
+
+    return self_attention_step
+
+
+SELF_MISTAKES = {
+    "cat on the heads axis": (_self_step(axis=1), r"appended along the heads axis \(dim=1\)"),
+    "cat on the batch axis": (_self_step(axis=0), r"appended along the batch axis \(dim=0\)"),
+    "cat on the feature axis": (_self_step(axis=-1), r"along the feature axis \(dim=-1\)"),
+    "causal mask on one query": (
+        _self_step(mask="causal"),
+        "a causal mask was applied to a one-query step",
+    ),
+    "replaces the cache": (_self_step(replace=True), "replaced the cached ones"),
+    "prepends": (_self_step(prepend=True), "the new one was put first"),
+    "attends to the new key only": (_self_step(mask="new only"), "new position only"),
+    "attends before appending": (_self_step(keep_new=False), "append first, then attend"),
+    "unscaled": (_self_step(scale=1.0), "unscaled"),
+}
+
+
+@pytest.mark.parametrize("mistake", SELF_MISTAKES)
+def test_self_attention_step_names_the_mistake(mistake):
+    wrong, message = SELF_MISTAKES[mistake]
+    with pytest.raises(CheckFailure, match=message):
+        check_self_attention_step(wrong)
+
+
+def test_self_attention_step_without_a_cache_entry():
+    def forgets(query, key, value, cache):
+        return F.scaled_dot_product_attention(query, key, value)
+
+    with pytest.raises(CheckFailure, match="cache has no 'k' and 'v' entries"):
+        check_self_attention_step(forgets)
+
+
+# ----------------------------------------------------------------------------- 8.2
+
+
+def _cross_step(recompute=False, mask=None, project_out=True, call_module=False):
+    """A wrong answer family for 8.2."""
+
+    def cross_attention_step(mha, x, memory, cache):
+        if call_module:
+            return mha(x, memory, memory)
+        if recompute or "k" not in cache:
+            cache["k"] = split_heads(mha.w_k(memory), mha.num_heads)
+            cache["v"] = split_heads(mha.w_v(memory), mha.num_heads)
+        cache["t"] = cache.get("t", -1) + 1
+        q = split_heads(mha.w_q(x), mha.num_heads)
+        k, v = cache["k"], cache["v"]
+        m = None
+        if mask == "one query":  # tril of (1, L_src): source position 0 only
+            m = torch.ones(1, k.size(2), dtype=torch.bool).tril()
+        if mask == "causal":  # step t may read sources 0 ... t
+            m = (torch.arange(k.size(2)) <= cache["t"])[None, :]
+        heads = merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=m))
+        return mha.w_o(heads) if project_out else heads
+
+    return cross_attention_step
+
+
+CROSS_MISTAKES = {
+    "recomputes the memory": (_cross_step(recompute=True), "recomputes the memory's keys"),
+    "causal mask, one query": (
+        _cross_step(mask="one query"),
+        "a causal mask was applied to a one-query step",
+    ),
+    "causal mask on cross-attention": (
+        _cross_step(mask="causal"),
+        "a causal mask was applied to cross-attention",
+    ),
+    "no output projection": (_cross_step(project_out=False), "skips the output projection"),
+    "calls the module": (_cross_step(call_module=True), r"rather than mha\(\.\.\.\)"),
+}
+
+
+@pytest.mark.parametrize("mistake", CROSS_MISTAKES)
+def test_cross_attention_step_names_the_mistake(mistake):
+    wrong, message = CROSS_MISTAKES[mistake]
+    with pytest.raises(CheckFailure, match=message):
+        check_cross_attention_step(wrong)
+
+
+# ----------------------------------------------------------------------------- 8.3
+
+
+def _window_step(keep=lambda w: w, oldest=False, trim=True):
+    """A wrong answer family for 8.3."""
+
+    def sliding_window_step(query, key, value, cache, window):
+        if "k" in cache:
+            key = torch.cat([cache["k"], key], dim=2)
+            value = torch.cat([cache["v"], value], dim=2)
+        if trim:
+            n = keep(window)
+            if oldest:
+                key, value = key[:, :, :n], value[:, :, :n]
+            else:
+                key, value = key[:, :, -n:], value[:, :, -n:]
+        cache["k"], cache["v"] = key, value
+        return F.scaled_dot_product_attention(query, key, value)
+
+    return sliding_window_step
+
+
+WINDOW_MISTAKES = {
+    "never trims": (_window_step(trim=False), "never drops the oldest ones"),
+    "one too many": (_window_step(keep=lambda w: w + 1), "one more than the window"),
+    "one too few": (_window_step(keep=lambda w: max(w - 1, 1)), "fewer than the"),
+    "keeps the oldest": (_window_step(oldest=True), "kept the oldest ones and dropped the new"),
+}
+
+
+@pytest.mark.parametrize("mistake", WINDOW_MISTAKES)
+def test_sliding_window_step_names_the_mistake(mistake):
+    wrong, message = WINDOW_MISTAKES[mistake]
+    with pytest.raises(CheckFailure, match=message):
+        check_sliding_window_step(wrong)
+
+
+# ----------------------------------------------------------------------------- 8.4
+
+
+def _size(factor=2, heads="kv", size=None, layers=True, bits=False):
+    """A wrong answer family for 8.4."""
+
+    def kv_cache_bytes(num_layers, batch, length, d_model, num_heads, num_kv_heads, dtype):
+        width = (num_kv_heads if heads == "kv" else num_heads) * (d_model // num_heads)
+        per = torch.tensor([], dtype=dtype).element_size() if size is None else size
+        total = factor * batch * length * width * per * (num_layers if layers else 1)
+        return total * 8 if bits else total
+
+    return kv_cache_bytes
+
+
+SIZE_MISTAKES = {
+    "keys only": (_size(factor=1), "count keys and values"),
+    "every head cached": (_size(heads="q"), "as many key/value heads as query heads"),
+    "bits": (_size(bits=True), "bits, not bytes"),
+    "always 4 bytes": (_size(size=4), "4 bytes per number whatever the dtype"),
+    "numbers, not bytes": (_size(size=1), "a count of numbers, not bytes"),
+    "one layer": (_size(layers=False), "one layer only"),
+}
+
+
+@pytest.mark.parametrize("mistake", SIZE_MISTAKES)
+def test_kv_cache_bytes_names_the_mistake(mistake):
+    wrong, message = SIZE_MISTAKES[mistake]
+    with pytest.raises(CheckFailure, match=message):
+        check_kv_cache_bytes(wrong)
+
+
+def test_kv_cache_bytes_wants_an_int():
+    with pytest.raises(CheckFailure, match="should return an int"):
+        check_kv_cache_bytes(lambda *args: "a lot")
