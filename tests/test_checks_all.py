@@ -1,6 +1,7 @@
 """What every exercise check must do, for every check cell of every solutions notebook.
 
-Each check passes the notebook's own solution, fails the generated stub with a
+Each check passes the notebook's own solution (leaving the global random state as it
+found it), fails the generated stub with a
 CheckFailure caused by the stub's NotImplementedError, refuses a tensor in place of
 the student's code with one sentence, and turns a crash of the student's code into one
 sentence. The chapter files (test_checks_chNN.py) add the realistic wrong answers.
@@ -55,10 +56,13 @@ def test_every_registered_check_is_used_by_a_solution_notebook():
 
 
 @pytest.mark.parametrize("notebook, check, args", CALLS, ids=IDS)
-def test_passes_the_solution(notebook, check, args, capsys):
+def test_passes_the_solution_and_leaves_the_random_state_alone(notebook, check, args, capsys):
     scope = loaded("solutions", notebook)
+    state = torch.get_rng_state()
     REGISTRY[check](*(scope[a] for a in args))
     assert "passed" in capsys.readouterr().out
+    # a check draws its inputs from its own generator: the notebook's seed stays in force
+    assert torch.equal(torch.get_rng_state(), state), "the check changed the global RNG"
 
 
 @pytest.mark.parametrize("notebook, check, args", CALLS, ids=IDS)

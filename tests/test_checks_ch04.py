@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from notebook_code import namespace
 
 from transformer_book import causal_mask, padding_mask, scaled_dot_product_attention
 from transformer_book.checks import CheckFailure
@@ -17,27 +16,6 @@ from transformer_book.checks.ch04 import (
     check_padding_mask_from_lengths,
     check_run_torch_mha,
 )
-
-NOTEBOOK = "04_masking.ipynb"
-CHECKS = {
-    "padding_mask_from_lengths": check_padding_mask_from_lengths,
-    "packed_causal_mask": check_packed_causal_mask,
-    "masked_softmax": check_masked_softmax,
-    "run_torch_mha": check_run_torch_mha,
-}
-
-
-@pytest.fixture(scope="module")
-def solutions():
-    return namespace(f"solutions/{NOTEBOOK}")
-
-
-def test_checks_leave_the_global_random_state_alone(solutions):
-    state = torch.get_rng_state()
-    for name, check in CHECKS.items():
-        check(solutions[name])
-    assert torch.equal(torch.get_rng_state(), state)
-
 
 # ----------------------------------------------------------------------------- 4.1
 

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from notebook_code import namespace
 
 from transformer_book import Transformer, causal_mask, padding_mask
 from transformer_book.checks import CheckFailure
@@ -18,28 +17,6 @@ from transformer_book.checks.ch07 import (
     check_label_smoothed_cross_entropy,
     check_sinusoidal_encoding,
 )
-
-NOTEBOOK = "07_full_transformer.ipynb"
-CHECKS = {
-    "sinusoidal_encoding": check_sinusoidal_encoding,
-    "label_smoothed_cross_entropy": check_label_smoothed_cross_entropy,
-    "make_decoder_batch": check_decoder_batch,
-    "beam_search": check_beam_search,
-    "EncoderClassifier": check_encoder_classifier,
-}
-
-
-@pytest.fixture(scope="module")
-def solutions():
-    return namespace(f"solutions/{NOTEBOOK}")
-
-
-def test_checks_leave_the_global_random_state_alone(solutions):
-    state = torch.get_rng_state()
-    for name, check in CHECKS.items():
-        check(solutions[name])
-    assert torch.equal(torch.get_rng_state(), state)
-
 
 # ----------------------------------------------------------------------------- 7.1
 

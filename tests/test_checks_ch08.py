@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from notebook_code import namespace
 
 from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch08 import (
@@ -15,27 +14,6 @@ from transformer_book.checks.ch08 import (
     check_sliding_window_step,
 )
 from transformer_book.multihead import merge_heads, split_heads
-
-NOTEBOOK = "08_fast_decoding.ipynb"
-CHECKS = {
-    "self_attention_step": check_self_attention_step,
-    "cross_attention_step": check_cross_attention_step,
-    "sliding_window_step": check_sliding_window_step,
-    "kv_cache_bytes": check_kv_cache_bytes,
-}
-
-
-@pytest.fixture(scope="module")
-def solutions():
-    return namespace(f"solutions/{NOTEBOOK}")
-
-
-def test_checks_leave_the_global_random_state_alone(solutions):
-    state = torch.get_rng_state()
-    for name, check in CHECKS.items():
-        check(solutions[name])
-    assert torch.equal(torch.get_rng_state(), state)
-
 
 # ----------------------------------------------------------------------------- 8.1
 

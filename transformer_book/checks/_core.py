@@ -108,7 +108,10 @@ class Exercise:
         # here with their traceback cut, so the message is what the notebook shows.
         __tracebackhide__ = True  # noqa: F841 (read by pytest and IPython)
         try:
-            self.func(*args, **kwargs)
+            # Building the student's modules draws from the global generator: fork it, so
+            # that running a check leaves the notebook's seeded random stream untouched.
+            with torch.random.fork_rng(devices=[]):
+                self.func(*args, **kwargs)
         except (CheckFailure, CheckUsageError) as failure:
             failure.exercise = self.label
             _log(self, False, str(failure))
