@@ -33,23 +33,31 @@ def forward_backward(module, x, need_weights: bool = False) -> None:
     out.sum().backward()
 
 
-def median_times(
-    modules, x, repeats: int, warmup: int, need_weights: bool = False
-) -> list[float]:
-    """Median seconds of one forward + backward pass of each module, runs interleaved."""
-    cuda = x.device.type == "cuda"
-    times: list[list[float]] = [[] for _ in modules]
+def alternated_medians(steps, repeats: int, warmup: int, cuda: bool) -> list[float]:
+    """Median seconds of each callable in ``steps``, the calls alternating, after a warm-up.
+
+    Alternating means a machine busy with other work slows every step alike.
+    """
+    times: list[list[float]] = [[] for _ in steps]
     for i in range(warmup + repeats):
-        for record, module in zip(times, modules):
+        for record, step in zip(times, steps):
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            forward_backward(module, x, need_weights)
+            step()
             if cuda:
                 torch.cuda.synchronize()
             if i >= warmup:
                 record.append(time.perf_counter() - start)
     return [statistics.median(record) for record in times]
+
+
+def median_times(
+    modules, x, repeats: int, warmup: int, need_weights: bool = False
+) -> list[float]:
+    """Median seconds of one forward + backward pass of each module, runs interleaved."""
+    steps = [lambda m=m: forward_backward(m, x, need_weights) for m in modules]
+    return alternated_medians(steps, repeats, warmup, cuda=x.device.type == "cuda")
 
 
 def main(argv: list[str] | None = None) -> float:

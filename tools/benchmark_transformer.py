@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from benchmark_mha import alternated_medians  # tools/ is on the path of a script run
 from torch import nn
 
 from transformer_book.masking import causal_mask
@@ -76,26 +75,20 @@ def random_batch(batch, length, vocab, device, generator):
     return tokens.to(device)
 
 
+def training_step(model, optimizer, src, dec_in, target) -> None:
+    logits = model(src, dec_in)  # (B, L_tgt, vocab)
+    loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=PAD)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
 def median_step_times(models, src, dec_in, target, repeats: int, warmup: int) -> list[float]:
     """Median seconds of one training step of each model, the models alternating."""
-    cuda = src.device.type == "cuda"
     optimizers = [torch.optim.Adam(m.parameters(), lr=1e-4) for m in models]
-    times: list[list[float]] = [[] for _ in models]
-    for i in range(warmup + repeats):
-        for model, optimizer, record in zip(models, optimizers, times):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            logits = model(src, dec_in)  # (B, L_tgt, vocab)
-            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=PAD)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                record.append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
+    steps = [lambda m=m, o=o: training_step(m, o, src, dec_in, target)
+             for m, o in zip(models, optimizers)]
+    return alternated_medians(steps, repeats, warmup, cuda=src.device.type == "cuda")
 
 
 def main(argv: list[str] | None = None) -> float:
