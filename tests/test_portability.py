@@ -1,0 +1,45 @@
+"""Claims that rest on training, random draws or timing hold under other CPU kernels.
+
+The book build runs every chapter with the best vector kernels this CPU has (AVX2 or
+AVX-512 on most machines). Each level rounds differently, and a training trajectory can
+change with it: chapter 5 once asserted a result that held with no SIMD and failed with
+AVX2 and AVX-512. So the notebooks listed in ``tools/portability.py``'s ``MEASURED``
+run a second time here under ``ATEN_CPU_CAPABILITY=default``, PyTorch's plainest
+kernels, which differ from the build's on any machine with AVX2. The full matrix (every
+level, 1 and 2 threads, oldest torch) is ``python tools/portability.py [--oldest]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("portability", ROOT / "tools" / "portability.py")
+portability = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(portability)
+
+
+@pytest.mark.parametrize("name", portability.MEASURED)
+def test_measured_notebook_passes_with_the_plainest_kernels(name):
+    ok, seconds, why = portability.run_one(ROOT / name, "default", threads=2, timeout=600)
+    assert ok, f"{name} fails under ATEN_CPU_CAPABILITY=default after {seconds:.0f} s: {why}"
+
+
+def test_every_measured_notebook_exists():
+    assert all((ROOT / name).exists() for name in portability.MEASURED)
+
+
+def test_a_claim_true_on_one_kernel_level_only_fails(tmp_path):
+    """Guard: the run really uses the level asked for, so such a claim is caught."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "import torch\nassert torch.backends.cpu.get_cpu_capability() != 'DEFAULT'"
+    )]
+    path = tmp_path / "claim.ipynb"
+    nbformat.write(nb, path)
+    ok, _, why = portability.run_one(path, "default", threads=1, timeout=60)
+    assert not ok and "AssertionError" in why
