@@ -11,6 +11,7 @@ setting and prints one line per notebook and setting; it exits 1 if any run fail
     python tools/portability.py --measured           # those whose claims rest on training,
                                                      # random draws or timing (MEASURED)
     python tools/portability.py --kernels default --threads 2
+    python tools/portability.py --only 02 --seeds 1 2 3   # other global seeds
     python tools/portability.py --oldest             # the same, on the oldest torch we
                                                      # accept (a venv made once, .venv-oldest)
 
@@ -66,7 +67,9 @@ def cpu_levels() -> list[str]:
     return LEVELS[: LEVELS.index(best) + 1] if best in LEVELS else ["default"]
 
 
-def run_one(path: Path, level: str, threads: int, timeout: int) -> tuple[bool, float, str]:
+def run_one(
+    path: Path, level: str, threads: int, timeout: int, seed: int | None = None
+) -> tuple[bool, float, str]:
     import nbformat
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
@@ -78,6 +81,11 @@ def run_one(path: Path, level: str, threads: int, timeout: int) -> tuple[bool, f
         "_t.backends.cpu.get_cpu_capability()\n"
         "del _t"
     )
+    if seed is not None:  # another draw of the notebook's global random stream
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                cell.source = cell.source.replace("torch.manual_seed(0)",
+                                                  f"torch.manual_seed({seed})")
     nb.cells.insert(0, probe)
     env = dict(os.environ, MPLBACKEND="Agg", ATEN_CPU_CAPABILITY=level,
                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the notebooks whose claims rest on training or timing")
     parser.add_argument("--kernels", nargs="*", default=LEVELS, choices=LEVELS)
     parser.add_argument("--threads", nargs="*", type=int, default=[1, 2])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[None],
+                        help="replace the notebooks' torch.manual_seed(0) by each of these")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per cell")
     parser.add_argument("--oldest", action="store_true",
                         help=f"run on the oldest supported torch ({' '.join(OLDEST)})")
@@ -140,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path.parent.name}/{path.name:<40} {level:>8}   -  skipped: CPU lacks it")
                 continue
             for threads in args.threads:
-                ok, seconds, why = run_one(path, level, threads, args.timeout)
-                failures += not ok
-                verdict = "pass" if ok else "FAIL"
-                print(f"{path.parent.name}/{path.name:<40} {level:>8} {threads}t "
-                      f"{verdict} {seconds:6.1f} s  {why}", flush=True)
+                for seed in args.seeds:
+                    ok, seconds, why = run_one(path, level, threads, args.timeout, seed)
+                    failures += not ok
+                    verdict = "pass" if ok else "FAIL"
+                    drawn = "" if seed is None else f" seed {seed}"
+                    print(f"{path.parent.name}/{path.name:<40} {level:>8} {threads}t{drawn} "
+                          f"{verdict} {seconds:6.1f} s  {why}", flush=True)
     print(f"{failures} failed" if failures else "all passed")
     return 1 if failures else 0
 
