@@ -232,13 +232,18 @@ CH02 = (
         "What does this print?",
         "A query with nothing to attend to",
         W(
-            "False",
-            "The softmax subtracts the row's maximum, here -inf, and -inf - (-inf) is "
-            "undefined: every weight is NaN, not zero.",
+            "[0.0, 0.0, 0.0]",
+            "Zeros need a finite denominator. The softmax subtracts the row's maximum, "
+            "here -inf, and -inf - (-inf) is undefined.",
             mistake="checks ch02/ch04: -inf in a row that has no allowed key",
         ),
+        W(
+            "[0.333, 0.333, 0.333]",
+            "Equal *finite* scores give uniform weights; a row of -inf gives no number "
+            "at all.",
+        ),
         R(
-            "True",
+            "[nan, nan, nan]",
             "-inf - (-inf) is NaN, so the whole row is NaN; the NaN then spreads to the "
             "output, to every token that attends to it, and to the loss.",
         ),
@@ -246,7 +251,8 @@ CH02 = (
             "import torch\n"
             "\n"
             'row = torch.full((3,), float("-inf"))  # every key of this query masked\n'
-            "print(torch.softmax(row, dim=-1).isnan().all().item())"
+            "weights = torch.softmax(row, dim=-1)\n"
+            "print([round(w, 3) for w in weights.tolist()])"
         ),
     ),
     Q(
@@ -723,7 +729,7 @@ CH06 = (
     ),
     Q(
         "What does `nn.BatchNorm1d` do in evaluation mode (after `.eval()`)?",
-        "Training mode and evaluation mode",
+        "3. Training mode and evaluation mode",
         W(
             "The batch size becomes 1 at inference, so it has nothing left to average.",
             "In evaluation mode the batch plays no role at all: a single token gets "
@@ -970,19 +976,20 @@ CH08 = (
         "What does the cross-attention cache of a decoder layer hold?",
         "The cache, one layer at a time",
         W(
-            "One more key and value per step, appended like self-attention's.",
-            "Cross-attention reads the encoder's memory, which does not grow while the "
-            "decoder generates; appending would repeat it.",
+            "Nothing: the memory's keys and values are projected again at every step.",
+            "That gives the right output but repeats the same work at every step: the "
+            "memory does not change while the decoder generates.",
+            mistake="checks ch08: cross-attention recomputes the memory's keys and values",
         ),
         R(
             "The memory's keys and values, projected once on the first step and reused.",
             "The memory is fixed during decoding, so its projections are made once "
-            "(the dict is marked `static`).",
+            "(the dict is marked `static`), and they count in the cache's size.",
         ),
         W(
-            "Nothing: cross-attention has no keys or values to keep.",
-            "Its keys and values are the projected encoder memory, S positions per "
-            "layer, and they count in the cache's size.",
+            "One more key and value per step, appended like self-attention's.",
+            "Cross-attention reads the encoder's memory, which does not grow while the "
+            "decoder generates; appending would repeat it.",
         ),
     ),
     Q(
