@@ -246,3 +246,63 @@ def test_chapters_show_figures_maths_and_colab_buttons(site):
             if folder == "book" or (ROOT / folder / chapter.name).exists():
                 expected = f"{colab}/blob/main/{folder}/{chapter.name}"
                 assert expected in page.read_text(), f"{page}: no Colab button for {expected}"
+
+
+QUIZ_CHAPTER = "05_residual_connections"
+
+
+def test_quiz_answers_in_the_browser(site):
+    """Every chapter page carries its quiz with the code cell hidden; on one, clicking a
+    wrong and then the right option shows the explanations, and the link leads to an
+    anchor of the page."""
+    from transformer_book.quiz import QUIZZES, anchor
+
+    for chapter in sorted((ROOT / "book").glob("*.ipynb")):
+        html = (HTML / "book" / f"{chapter.stem}.html").read_text()
+        assert html.count('class="tbq"') == 1, f"{chapter.name}: no quiz, or two"
+        assert "transformer_book.quiz" not in html, f"{chapter.name}: quiz cell input shown"
+
+    question = QUIZZES[QUIZ_CHAPTER[:2]][1]  # a multiple-choice question
+    wrong = next(i for i, o in enumerate(question.options) if not o.right)
+    right = next(i for i, o in enumerate(question.options) if o.right)
+    sync_playwright = _browser_or_skip()
+    local = urlparse(site).netloc
+    foreign: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("request", lambda r: None if urlparse(r.url).netloc in ("", local)
+                or urlparse(r.url).scheme in ("data", "blob", "about")
+                else foreign.append(r.url))
+        page.goto(f"{site}book/{QUIZ_CHAPTER}.html", wait_until="load")
+        item = page.locator("li.tbq-q").nth(1)
+        options = item.locator("button.tbq-opt")
+        explanations = item.locator(".tbq-why")
+        assert options.count() == len(question.options)
+        assert not any(explanations.nth(i).is_visible() for i in range(options.count()))
+
+        options.nth(wrong).click()
+        shown = explanations.nth(wrong)
+        assert shown.is_visible() and shown.inner_text().startswith("Not quite.")
+        assert question.options[wrong].why.replace("`", "").replace("*", "") in shown.inner_text()
+        assert not explanations.nth(right).is_visible()
+        assert "tbq-wrong" in options.nth(wrong).get_attribute("class")
+
+        options.nth(right).click()
+        shown = explanations.nth(right)
+        assert shown.is_visible() and shown.inner_text().startswith("Right.")
+        assert question.options[right].why.replace("`", "").replace("*", "") in shown.inner_text()
+        assert all(explanations.nth(i).is_visible() for i in range(options.count()))
+        link = shown.locator("a.tbq-see")
+        assert link.get_attribute("href") == f"#{anchor(question.section)}"
+        assert page.locator(f"[id='{anchor(question.section)}']").count() == 1
+        total = len(QUIZZES[QUIZ_CHAPTER[:2]])
+        score = page.locator(".tbq-score").inner_text()
+        assert score == f"1 of {total} answered, 0 of them at the first try.", score
+        link.click()
+        assert page.url.endswith(f"#{anchor(question.section)}")
+        assert not errors, errors
+        browser.close()
+    assert not foreign, foreign

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Option:
-    """One answer. ``text`` and ``why`` are plain text; `backticks` mark code."""
+    """One answer. ``text`` and ``why`` are plain text: `backticks` mark code, *stars*
+    emphasis."""
 
     text: str
     why: str  # one or two sentences, shown after the option is picked
@@ -193,9 +194,8 @@ CH02 = (
         ),
         W(
             "It becomes uniform: the weights approach 1/L_k.",
-            "Larger scores make the softmax sharper, not flatter; an over-shrunk score, "
-            "from dividing by d_k instead of √d_k, is what tends to uniform weights.",
-            mistake="checks ch02: scores divided by d_k instead of sqrt(d_k)",
+            "Larger scores make the softmax sharper, not flatter, as a small temperature "
+            "does in chapter 1.",
         ),
     ),
     Q(
@@ -351,8 +351,8 @@ CH03 = (
         ),
         W(
             "d_head = 64",
-            "Dividing by d_k instead of √d_k shrinks the scores too much, and the weights "
-            "drift towards uniform as the heads get wider.",
+            "Dividing by d_k instead of √d_k leaves the scores a variance of 1/d_k instead "
+            "of 1: too small, so the weights flatten as the heads get wider.",
             mistake="checks ch02: scores divided by d_k instead of sqrt(d_k)",
         ),
     ),
@@ -416,7 +416,7 @@ CH03 = (
         W(
             "It notices the layout and transposes the input itself.",
             "The module cannot tell a batch-first tensor from a sequence-first one of the "
-            "same shape; one of the source texts makes exactly this mistake.",
+            "same shape.",
             mistake="seeds (002): nn.MultiheadAttention fed (batch, seq, dim) tensors",
         ),
     ),
@@ -528,8 +528,8 @@ CH04 = (
         R(
             "NaN in the empty rows after one layer, and NaN in the whole sequence after "
             "two.",
-            "The empty rows' softmax is 0/0; in layer 2 every query reads those rows as "
-            "keys, and 0 × NaN = NaN. The book's attention returns zeros there.",
+            "The empty rows' softmax is 0/0; in layer 2 those positions are keys, and even "
+            "a weight of 0 times NaN is NaN. The book's attention returns zeros there.",
         ),
         W(
             "Zeros in the empty rows, because blocked keys get weight 0.",
@@ -634,11 +634,12 @@ CH05 = (
         ),
     ),
     Q(
-        "A stack of blocks h_l = h_{l-1} + F_l(h_{l-1}) has ∂h_L/∂h_0 = (I + J_L)⋯(I + "
-        "J_1), with J_l = ∂F_l/∂h_{l-1}. What does the same stack without skips give?",
+        "A stack of n residual blocks, hₗ = hₗ₋₁ + Fₗ(hₗ₋₁), has the Jacobian "
+        "∂hₙ/∂h₀ = (I + Jₙ)⋯(I + J₁), where Jₗ is the Jacobian of Fₗ. What does the "
+        "same stack without skips give?",
         "The gradient of a residual block",
         R(
-            "J_L⋯J_1 alone: if each J_l shrinks the vectors it is applied to, the "
+            "Jₙ⋯J₁ alone: if each Jₗ shrinks the vectors it is applied to, the "
             "product, and the gradient at the first layers, shrinks geometrically.",
             "Multiplied out, the residual product holds I plus terms through one, two, "
             "... sublayers; the plain stack keeps only the last term.",
@@ -649,10 +650,10 @@ CH05 = (
             "that crosses no sublayer.",
         ),
         W(
-            "(I + J_L)⋯(I + J_1) as well: the chain rule adds the identity at every "
+            "(I + Jₙ)⋯(I + J₁) as well: the chain rule adds the identity at every "
             "layer.",
             "The identity comes from the `x +` of the skip, not from the chain rule; a "
-            "plain block's Jacobian is J_l alone.",
+            "plain block's Jacobian is Jₗ alone.",
         ),
     ),
 )
@@ -1104,9 +1105,12 @@ def check_answers(chapter: str) -> None:
 
 
 def _inline(text: str) -> str:
-    """Plain text to HTML: escaped, with `backticks` as <code>."""
+    """Plain text to HTML: escaped, `backticks` as <code>, *stars* as <em>."""
     parts = html.escape(text, quote=False).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    return "".join(
+        f"<code>{p}</code>" if i % 2 else re.sub(r"\*([^*\s][^*]*)\*", r"<em>\1</em>", p)
+        for i, p in enumerate(parts)
+    )
 
 
 _STYLE = """
