@@ -306,3 +306,56 @@ def test_quiz_answers_in_the_browser(site):
         assert not errors, errors
         browser.close()
     assert not foreign, foreign
+
+
+JUPYTER_LIKE_PAGE = """<!doctype html><html><head><meta charset="utf-8"></head><body>
+<h2 id="Identity-mapping">Identity mapping<a class="anchor-link" href="#Identity-mapping">\u00b6</a></h2>
+<div style="height: 3000px"></div><div id="output"></div>
+<script>
+// JupyterLab puts a trusted text/html output in place with innerHTML, then replaces each
+// <script> by a fresh copy so that it runs (innerHTML alone never runs scripts).
+const output = document.getElementById("output");
+output.innerHTML = QUIZ_HTML;
+output.querySelectorAll("script").forEach(old => {
+  const fresh = document.createElement("script");
+  fresh.textContent = old.textContent;
+  old.replaceWith(fresh);
+});
+</script></body></html>"""
+
+
+def test_quiz_works_when_inserted_as_a_jupyter_output(tmp_path):
+    """Outside the site (no theme variables, Jupyter's heading ids): the quiz answers
+    clicks, and its section link scrolls to the heading with the same text."""
+    import json
+
+    from transformer_book.quiz import quiz
+
+    sync_playwright = _browser_or_skip()
+    quiz_html = json.dumps(quiz("05")._repr_html_()).replace("</", "<\\/")  # stay in <script>
+    page_html = JUPYTER_LIKE_PAGE.replace("QUIZ_HTML", quiz_html)
+    (tmp_path / "notebook.html").write_text(page_html, encoding="utf-8")
+    server, base = _serve(tmp_path)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(base + "notebook.html", wait_until="load")
+            item = page.locator("li.tbq-q").nth(1)  # its answer is in "Identity mapping"
+            right = item.locator("button.tbq-opt[data-right]")
+            right.click()
+            why = right.locator("xpath=following-sibling::div[1]")
+            assert why.is_visible() and why.inner_text().startswith("Right.")
+            heading = page.locator("h2#Identity-mapping")
+            assert abs(heading.evaluate("h => h.getBoundingClientRect().top")) > 1000
+            why.locator("a.tbq-see").click()
+            page.wait_for_function(
+                "() => Math.abs(document.querySelector('#Identity-mapping')"
+                ".getBoundingClientRect().top) < 50")
+            assert not page.url.endswith("#identity-mapping")  # the fallback took over
+            assert not errors, errors
+            browser.close()
+    finally:
+        server.shutdown()
