@@ -872,8 +872,7 @@ CH07 = (
         ),
         W(
             "Training diverges and the loss stays high.",
-            "The loss falls, faster than with the mask: the model found the answer in "
-            "its input.",
+            "The loss falls to near zero: the model found the answer in its own input.",
         ),
     ),
     Q(
