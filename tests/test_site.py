@@ -304,8 +304,36 @@ def test_quiz_answers_in_the_browser(site):
         link.click()
         assert page.url.endswith(f"#{anchor(question.section)}")
         assert not errors, errors
+        for scheme in ("light", "dark"):  # the theme's two modes: text stays readable
+            themed = browser.new_page(color_scheme=scheme)
+            themed.goto(f"{site}book/{QUIZ_CHAPTER}.html", wait_until="load")
+            themed.wait_for_function("() => document.documentElement.dataset.theme")
+            ratio = themed.evaluate(CONTRAST, "li.tbq-q .tbq-ask")
+            assert ratio > 4.5, f"{scheme} mode: contrast {ratio:.2f} of the quiz text"
+            themed.close()
         browser.close()
     assert not foreign, foreign
+
+
+# WCAG contrast ratio between an element's text colour and the first opaque background
+# behind it (the page's own background if none is set on the way up).
+CONTRAST = """selector => {
+  const rgb = c => c.match(/[\\d.]+/g).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = v => (v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const el = document.querySelector(selector);
+  let node = el, bg = null;
+  while (node && node.nodeType === 1) {
+    const c = rgb(getComputedStyle(node).backgroundColor);
+    if (c.length < 4 || c[3] > 0.5) { bg = c; break; }
+    node = node.parentNode;
+  }
+  bg = bg || [255, 255, 255];
+  const [a, b] = [lum(rgb(getComputedStyle(el).color)), lum(bg)];
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}"""
 
 
 JUPYTER_LIKE_PAGE = """<!doctype html><html><head><meta charset="utf-8"></head><body>

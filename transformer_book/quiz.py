@@ -1115,10 +1115,12 @@ def _inline(text: str) -> str:
 _STYLE = """
 .tbq{--tbq-ok:var(--pst-color-success,#1a7f37);--tbq-no:var(--pst-color-danger,#c62828);
  --tbq-line:var(--pst-color-border,#c9ced6);--tbq-accent:var(--pst-color-primary,#0a7d91);
- font-family:var(--pst-font-family-base,inherit);color:var(--pst-color-text-base,inherit);
+ font-family:var(--pst-font-family-base,inherit);color:inherit;
  border:1px solid var(--tbq-line);border-left:4px solid var(--tbq-accent);
  border-radius:.35rem;padding:.6rem 1rem;margin:.5rem 0 1rem;line-height:1.5}
 .tbq [hidden]{display:none!important}
+html[data-theme=dark] div.cell_output .text_html:has(.tbq){background:none!important;
+ padding:0!important;color:inherit!important}
 .tbq ol.tbq-list{margin:0;padding-left:1.4rem}
 .tbq li.tbq-q{margin:.8rem 0 1rem}
 .tbq .tbq-ask{margin:0 0 .4rem;font-weight:600}
