@@ -246,3 +246,144 @@ def test_chapters_show_figures_maths_and_colab_buttons(site):
             if folder == "book" or (ROOT / folder / chapter.name).exists():
                 expected = f"{colab}/blob/main/{folder}/{chapter.name}"
                 assert expected in page.read_text(), f"{page}: no Colab button for {expected}"
+
+
+QUIZ_CHAPTER = "05_residual_connections"
+
+
+def test_quiz_answers_in_the_browser(site):
+    """Every chapter page carries its quiz with the code cell hidden; on one, clicking a
+    wrong and then the right option shows the explanations, and the link leads to an
+    anchor of the page."""
+    from transformer_book.quiz import QUIZZES, anchor
+
+    for chapter in sorted((ROOT / "book").glob("*.ipynb")):
+        html = (HTML / "book" / f"{chapter.stem}.html").read_text()
+        assert html.count('class="tbq"') == 1, f"{chapter.name}: no quiz, or two"
+        assert "transformer_book.quiz" not in html, f"{chapter.name}: quiz cell input shown"
+
+    question = QUIZZES[QUIZ_CHAPTER[:2]][1]  # a multiple-choice question
+    wrong = next(i for i, o in enumerate(question.options) if not o.right)
+    right = next(i for i, o in enumerate(question.options) if o.right)
+    sync_playwright = _browser_or_skip()
+    local = urlparse(site).netloc
+    foreign: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("request", lambda r: None if urlparse(r.url).netloc in ("", local)
+                or urlparse(r.url).scheme in ("data", "blob", "about")
+                else foreign.append(r.url))
+        page.goto(f"{site}book/{QUIZ_CHAPTER}.html", wait_until="load")
+        item = page.locator("li.tbq-q").nth(1)
+        options = item.locator("button.tbq-opt")
+        explanations = item.locator(".tbq-why")
+        assert options.count() == len(question.options)
+        assert not any(explanations.nth(i).is_visible() for i in range(options.count()))
+
+        options.nth(wrong).click()
+        shown = explanations.nth(wrong)
+        assert shown.is_visible() and shown.inner_text().startswith("Not quite.")
+        assert question.options[wrong].why.replace("`", "").replace("*", "") in shown.inner_text()
+        assert not explanations.nth(right).is_visible()
+        assert "tbq-wrong" in options.nth(wrong).get_attribute("class")
+
+        options.nth(right).click()
+        shown = explanations.nth(right)
+        assert shown.is_visible() and shown.inner_text().startswith("Right.")
+        assert question.options[right].why.replace("`", "").replace("*", "") in shown.inner_text()
+        assert all(explanations.nth(i).is_visible() for i in range(options.count()))
+        link = shown.locator("a.tbq-see")
+        assert link.get_attribute("href") == f"#{anchor(question.section)}"
+        assert page.locator(f"[id='{anchor(question.section)}']").count() == 1
+        total = len(QUIZZES[QUIZ_CHAPTER[:2]])
+        score = page.locator(".tbq-score").inner_text()
+        assert score == f"1 of {total} answered, 0 of them at the first try.", score
+        link.click()
+        assert page.url.endswith(f"#{anchor(question.section)}")
+        assert not errors, errors
+        for scheme in ("light", "dark"):  # the theme's two modes: text stays readable
+            themed = browser.new_page(color_scheme=scheme)
+            themed.goto(f"{site}book/{QUIZ_CHAPTER}.html", wait_until="load")
+            themed.wait_for_function("() => document.documentElement.dataset.theme")
+            ratio = themed.evaluate(CONTRAST, "li.tbq-q .tbq-ask")
+            assert ratio > 4.5, f"{scheme} mode: contrast {ratio:.2f} of the quiz text"
+            themed.close()
+        browser.close()
+    assert not foreign, foreign
+
+
+# WCAG contrast ratio between an element's text colour and the first opaque background
+# behind it (the page's own background if none is set on the way up).
+CONTRAST = """selector => {
+  const rgb = c => c.match(/[\\d.]+/g).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = v => (v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const el = document.querySelector(selector);
+  let node = el, bg = null;
+  while (node && node.nodeType === 1) {
+    const c = rgb(getComputedStyle(node).backgroundColor);
+    if (c.length < 4 || c[3] > 0.5) { bg = c; break; }
+    node = node.parentNode;
+  }
+  bg = bg || [255, 255, 255];
+  const [a, b] = [lum(rgb(getComputedStyle(el).color)), lum(bg)];
+  return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+}"""
+
+
+JUPYTER_LIKE_PAGE = """<!doctype html><html><head><meta charset="utf-8"></head><body>
+<h2 id="Identity-mapping">Identity mapping<a class="anchor-link" href="#Identity-mapping">\u00b6</a></h2>
+<div style="height: 3000px"></div><div id="output"></div>
+<script>
+// JupyterLab puts a trusted text/html output in place with innerHTML, then replaces each
+// <script> by a fresh copy so that it runs (innerHTML alone never runs scripts).
+const output = document.getElementById("output");
+output.innerHTML = QUIZ_HTML;
+output.querySelectorAll("script").forEach(old => {
+  const fresh = document.createElement("script");
+  fresh.textContent = old.textContent;
+  old.replaceWith(fresh);
+});
+</script></body></html>"""
+
+
+def test_quiz_works_when_inserted_as_a_jupyter_output(tmp_path):
+    """Outside the site (no theme variables, Jupyter's heading ids): the quiz answers
+    clicks, and its section link scrolls to the heading with the same text."""
+    import json
+
+    from transformer_book.quiz import quiz
+
+    sync_playwright = _browser_or_skip()
+    quiz_html = json.dumps(quiz("05")._repr_html_()).replace("</", "<\\/")  # stay in <script>
+    page_html = JUPYTER_LIKE_PAGE.replace("QUIZ_HTML", quiz_html)
+    (tmp_path / "notebook.html").write_text(page_html, encoding="utf-8")
+    server, base = _serve(tmp_path)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(base + "notebook.html", wait_until="load")
+            item = page.locator("li.tbq-q").nth(1)  # its answer is in "Identity mapping"
+            right = item.locator("button.tbq-opt[data-right]")
+            right.click()
+            why = right.locator("xpath=following-sibling::div[1]")
+            assert why.is_visible() and why.inner_text().startswith("Right.")
+            heading = page.locator("h2#Identity-mapping")
+            assert abs(heading.evaluate("h => h.getBoundingClientRect().top")) > 1000
+            why.locator("a.tbq-see").click()
+            page.wait_for_function(
+                "() => Math.abs(document.querySelector('#Identity-mapping')"
+                ".getBoundingClientRect().top) < 50")
+            assert not page.url.endswith("#identity-mapping")  # the fallback took over
+            assert not errors, errors
+            browser.close()
+    finally:
+        server.shutdown()
