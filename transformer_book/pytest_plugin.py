@@ -379,6 +379,25 @@ def pytest_report_teststatus(report, config):
     return None
 
 
+def pytest_runtest_logreport(report):
+    """Count the quiet cells in pytest's progress percentage (else it stops short of 100%)."""
+    config = _CONFIG[0] if _CONFIG else None
+    if config is None or report.when != "call" or config.option.verbose > 0:
+        return
+    if report.nodeid in config.stash.get(QUIET, set()) and not report.failed:
+        terminal = config.pluginmanager.get_plugin("terminalreporter")
+        reported = getattr(terminal, "_progress_nodeids_reported", None)
+        if isinstance(reported, set):  # pytest's private counter; only cosmetic
+            reported.add(report.nodeid)
+
+
+_CONFIG: list = []
+
+
+def pytest_configure(config):
+    _CONFIG[:] = [config]
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     notebooks = [n for n in config.stash.get(NOTEBOOKS, []) if n.reported]
     notes = config.stash.get(NOTES, [])
