@@ -230,8 +230,10 @@ def main(argv: list[str] | None = None, course: Course | None = None,
     if args.gradescope is not None:
         _write_json(args.gradescope, gradescope_report(results, time.monotonic() - start, notes))
     if args.report is not None:
+        made = time.monotonic()
         class_report.write(args.report, results)
-        print(f"Class report written to {args.report}.", file=sys.stderr)
+        print(f"Class report written to {args.report} in {time.monotonic() - made:.1f} s.",
+              file=sys.stderr)
     everything = all(n.passed == n.total for n in results)
     return 0 if everything else 1
 
