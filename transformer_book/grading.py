@@ -466,7 +466,7 @@ async def _grade(plan: Plan, timeout: float, env: dict[str, str], workdir: Path)
 
 
 def kernel_did_not_start(error: BaseException) -> str:
-    return f"the kernel did not start ({type(error).__name__}: {error})."
+    return f"the kernel did not start ({type(error).__name__}: {error})"
 
 
 def cores() -> int:

@@ -208,7 +208,7 @@ def _make_classes():
                 if status != "ok" or error is not None:
                     raise RuntimeError(f"the grade log could not be set up ({status})")
             except Exception as error:  # noqa: BLE001 - any failure to start is one sentence
-                self.judge.stopped = kernel_did_not_start(error).rstrip(".")
+                self.judge.stopped = kernel_did_not_start(error)
 
         def teardown(self):
             try:
@@ -359,6 +359,16 @@ class _NamedReport(pytest.TestReport):
     @property
     def head_line(self) -> str:
         return self.nodeid
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_report_to_serializable(config, report):
+    """Under pytest-xdist a named report travels as the plain TestReport it is."""
+    if isinstance(report, _NamedReport):
+        data = report._to_json()
+        data["$report_type"] = "TestReport"
+        return data
+    return None
 
 
 @pytest.hookimpl(hookwrapper=True)
