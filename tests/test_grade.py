@@ -275,9 +275,10 @@ def _no_checks(d: Path) -> Path:
         (lambda d: ROOT / "exercises" / CHAPTER, ["--jobs", "0"], "not a positive number"),
         (lambda d: ROOT / "exercises" / CHAPTER, ["--timeout", "soon"], "not a number"),
         (lambda d: ROOT / "exercises" / CHAPTER, ["--csv", "."], "is a folder"),
+        (lambda d: ROOT / "exercises" / CHAPTER, ["--report", "r.pdf"], "ending in .html or .md"),
     ],
     ids=["missing", "not-ipynb", "not-json", "no-checks", "empty-folder", "jobs", "timeout",
-         "csv-folder"],
+         "csv-folder", "report-format"],
 )
 def test_bad_input_exits_2_with_one_sentence(tmp_path, make, options, expected):
     result = grade(make(tmp_path), *options, cwd=tmp_path)

@@ -2,6 +2,7 @@
 
     python tools/grade_class_batch.py                      # 30 students x every chapter
     python tools/grade_class_batch.py --students 10 --jobs 2 --timeout 15
+    python tools/grade_class_batch.py --report class.html   # and the class report
 
 Builds ``submissions/student_NN/<chapter>.ipynb`` in a temporary folder from the course's
 solutions/ and exercises/, one kind of submission per notebook in rotation: correct,
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--students", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=20.0)
+    parser.add_argument("--report", type=Path, metavar="PATH",
+                        help="also write the grader's class report (.html or .md) there")
     args = parser.parse_args(argv)
     chapters = sorted(NOTEBOOKS)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         run = subprocess.run(
             [sys.executable, "-m", "transformer_book.grade", str(folder), "--json",
              "--jobs", str(args.jobs), "--timeout", str(args.timeout),
-             "--csv", str(Path(tmp) / "grades.csv")],
+             "--csv", str(Path(tmp) / "grades.csv"),
+             *(["--report", str(args.report.resolve())] if args.report else [])],
             capture_output=True, text=True, cwd=tmp,
         )
         wall = time.monotonic() - start
@@ -138,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind, times in seconds.items():
         print(f"  {kind:<10} {len(times):4d} notebooks, {sum(times) / len(times):6.2f} s each "
               "in its kernel")
+    if args.report:
+        print(next((line for line in run.stderr.splitlines()
+                    if line.startswith("Class report written")), "no class report written"))
     for line in wrong:
         print("WRONG GRADE:", line)
     print("every grade is right" if not wrong and rows == count else f"{len(wrong)} wrong grades")

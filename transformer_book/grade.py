@@ -4,6 +4,7 @@
     python -m transformer_book.grade submissions/            # every notebook in a folder
     python -m transformer_book.grade submissions/*/*.ipynb --jobs 4 --csv grades.csv
     python -m transformer_book.grade submission/ --gradescope results/results.json
+    python -m transformer_book.grade submissions/ --report class.html   # what the class got wrong
 
 Each notebook is executed top to bottom in its own Jupyter kernel and held to the
 exercises shipped with the package: every shipped check cell is run as shipped, a
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import class_report
 from .grading import (  # noqa: F401 (CHECK_CALL: kept importable from here)
     CHECK_CALL,
     DEFAULT_TIMEOUT,
@@ -70,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
                    help="write one row per notebook: path, one column per exercise, score")
     p.add_argument("--gradescope", type=Path, metavar="PATH",
                    help="write Gradescope's results.json")
+    p.add_argument("--report", type=Path, metavar="PATH",
+                   help="write a class report (.html or .md): per exercise, the pass rate "
+                        "and the most frequent failure messages, with a bar chart")
     return p
 
 
@@ -201,6 +206,9 @@ def main(argv: list[str] | None = None, course: Course | None = None,
     try:
         _check_writable(args.csv, "--csv")
         _check_writable(args.gradescope, "--gradescope")
+        _check_writable(args.report, "--report")
+        if args.report is not None:
+            class_report.report_format(args.report)
         plans, notes = collect(args.notebooks, course or Course.shipped())
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)
@@ -221,6 +229,11 @@ def main(argv: list[str] | None = None, course: Course | None = None,
         write_csv(args.csv, results)
     if args.gradescope is not None:
         _write_json(args.gradescope, gradescope_report(results, time.monotonic() - start, notes))
+    if args.report is not None:
+        made = time.monotonic()
+        class_report.write(args.report, results)
+        print(f"Class report written to {args.report} in {time.monotonic() - made:.1f} s.",
+              file=sys.stderr)
     everything = all(n.passed == n.total for n in results)
     return 0 if everything else 1
 

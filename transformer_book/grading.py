@@ -129,6 +129,7 @@ class Plan:
     exercises: list[Exercise]
     removed: set[str] = field(default_factory=set)  # checks whose cell is missing
     edited: set[str] = field(default_factory=set)  # checks whose cell was edited
+    note: str | None = None  # a sentence for the report (e.g. another chapter's notebook)
 
 
 def _normal(source: str) -> str:
@@ -148,9 +149,12 @@ def read_notebook(path: Path):
         ) from None
 
 
-def plan(path: Path, course: Course) -> Plan:
-    """Match a submitted notebook to its shipped exercises (raises BadInput)."""
-    nb = read_notebook(path)
+def plan(path: Path, course: Course, nb=None) -> Plan:
+    """Match a submitted notebook to its shipped exercises (raises BadInput).
+
+    ``nb`` is the notebook when it was read already (by :func:`read_notebook`).
+    """
+    nb = read_notebook(path) if nb is None else nb
     code = [c.source for c in nb.cells if c.cell_type == "code"]
     calls = [set(CHECK_CALL.findall(source)) for source in code]
     chapter = course.identify(set().union(*calls), path)
@@ -183,7 +187,12 @@ def plan(path: Path, course: Course) -> Plan:
             steps += [Step(c.executed_source(), index + 1, c) for c in shipped]
         elif source.strip():
             steps.append(Step(source, index + 1))
-    return Plan(path, chapter, steps, course.exercises(chapter), removed, edited)
+    named = next((n for n in course.notebooks if path.name.endswith(n)), None)
+    note = None
+    if named is not None and named != chapter:
+        note = (f"{path} was graded as {chapter}, whose checks it calls, although its "
+                f"file name is that of {named}.")
+    return Plan(path, chapter, steps, course.exercises(chapter), removed, edited, note)
 
 
 def collect(arguments: list[Path], course: Course) -> tuple[list[Plan], list[str]]:
@@ -209,12 +218,14 @@ def collect(arguments: list[Path], course: Course) -> tuple[list[Plan], list[str
                 except BadInput as error:
                     notes.append(f"skipped {error}")
                     continue
+                notes += [plans[-1].note] if plans[-1].note else []
                 seen.add(path.resolve())
                 kept += 1
             if not kept:
                 raise BadInput(f"{argument}: no exercise notebook of this course in this folder.")
         elif argument.resolve() not in seen:
             plans.append(plan(argument, course))
+            notes += [plans[-1].note] if plans[-1].note else []
             seen.add(argument.resolve())
     return plans, notes
 
@@ -265,22 +276,27 @@ def _kernel_spec_manager():
     return CurrentPython()
 
 
-def _error_of(cell) -> tuple[str, str] | None:
+def error_of(cell) -> tuple[str, str] | None:
     for output in cell.get("outputs", []):
         if output.get("output_type") == "error":
-            value = ANSI.sub("", str(output.get("evalue", ""))).strip()
-            value = re.sub(r" \((?:[^()]*\.py|<[^<>]*>), line (\d+)\)$", r" (line \1)", value)
-            return str(output.get("ename", "Error")), value
+            return error_pair(output)
     return None
 
 
-def _sentence(error: tuple[str, str]) -> str:
+def error_pair(output) -> tuple[str, str]:
+    """(name, value) of an error output or an iopub error message's content."""
+    value = ANSI.sub("", str(output.get("evalue", ""))).strip()
+    value = re.sub(r" \((?:[^()]*\.py|<[^<>]*>), line (\d+)\)$", r" (line \1)", value)
+    return str(output.get("ename", "Error")), value
+
+
+def sentence(error: tuple[str, str]) -> str:
     name, value = error
     value = value.splitlines()[0] if value else ""
     return f"{name}: {value}".rstrip(": ") if value else name
 
 
-def _where(steps: list[Step], index: int) -> str:
+def where(steps: list[Step], index: int) -> str:
     """Where step ``index`` is, in words a student can find in the notebook."""
     step = steps[index]
     if step.check_cell is not None:
@@ -291,19 +307,121 @@ def _where(steps: list[Step], index: int) -> str:
     return f"your code before exercise {later.check_cell.exercises[0].number}"
 
 
+class Judge:
+    """The judgement of one notebook's run, step by step: shared by the grader and the
+    pytest plugin (:mod:`transformer_book.pytest_plugin`), so both say the same thing.
+
+    Feed it each executed step (:meth:`step`) with the error the cell raised and what the
+    checks logged during it; :meth:`stop` when execution stopped early; :meth:`results`
+    at the end gives one :class:`Result` per shipped exercise.
+    """
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.results: dict[str, Result] = {}
+        for exercise in plan.exercises:
+            if exercise.check in plan.removed:
+                message = f"the check cell for exercise {exercise.number} was removed."
+                self.results[exercise.check] = Result(exercise, False, message, self._edited(exercise))
+        self.stopped: str | None = None
+        self.first_error: tuple[int, tuple[str, str]] | None = None  # first in the student's code
+        self.pending: tuple[int, tuple[str, str]] | None = None  # first since the last check cell
+
+    def _edited(self, exercise: Exercise) -> bool:
+        return exercise.check in self.plan.edited
+
+    def step(self, index: int, error: tuple[str, str] | None, records: list[dict]) -> list[Result]:
+        """Judge step ``index`` of the plan; the results of the exercises it checks."""
+        steps = self.plan.steps
+        step = steps[index]
+        if step.check_cell is None:
+            if error and self.pending is None:
+                self.pending = (index, error)
+            if error and self.first_error is None:
+                self.first_error = (index, error)
+            return []
+        judged = []
+        pending, first_error = self.pending, self.first_error
+        for exercise in step.check_cell.exercises:
+            record = next((r for r in records if r.get("check") == exercise.check), None)
+            if record is not None:
+                passed, message = bool(record["passed"]), str(record["message"])
+                if not passed and pending is not None and pending[1][0] != "NotImplementedError":
+                    message += f" (Note: {where(steps, pending[0])} raised {sentence(pending[1])}.)"
+            elif pending is not None:
+                passed = False
+                if pending[0] == index - 1:
+                    place = f"the cell before exercise {exercise.number}"
+                else:
+                    place = f"cell {steps[pending[0]].cell} (before exercise {exercise.number})"
+                message = f"your code in {place} raised {sentence(pending[1])}"
+            elif error is not None:
+                passed = False
+                message = f"the check cell raised {sentence(error)}"
+                if first_error is not None:
+                    message += (
+                        f" (the first error in your notebook: {where(steps, first_error[0])}"
+                        f", cell {steps[first_error[0]].cell}, raised {sentence(first_error[1])})"
+                    )
+                elif error[0] == "NameError":
+                    message += ": is the cell that defines it missing, or was it renamed?"
+            else:
+                passed, message = False, "the check did not report a result."
+            if not passed and not message.endswith((".", "?")):
+                message += "."
+            result = Result(exercise, passed, message, self._edited(exercise))
+            self.results[exercise.check] = result
+            judged.append(result)
+        self.pending = None
+        return judged
+
+    def stop(self, index: int, why: str, timeout: float | None = None) -> str:
+        """Execution stopped at step ``index``: ``why`` is "timeout" or "dead"."""
+        step, place = self.plan.steps[index], where(self.plan.steps, index)
+        if why == "timeout":
+            self.stopped = f"cell {step.cell} ({place}) ran longer than {timeout:g} s"
+        else:
+            self.stopped = (
+                f"the kernel died while running cell {step.cell} ({place}): "
+                "os._exit, a crash in compiled code or running out of memory"
+            )
+        return self.stopped
+
+    def not_graded(self, exercise: Exercise) -> Result:
+        why = self.stopped or "the check cell did not run"
+        return Result(exercise, False, f"not graded: {why}.", self._edited(exercise))
+
+    def result(self, exercise: Exercise) -> Result:
+        return self.results.get(exercise.check) or self.not_graded(exercise)
+
+    def ordered(self) -> list[Result]:
+        return [self.result(e) for e in self.plan.exercises]
+
+
+class CheckLog:
+    """The records the checks append to the grade log (one JSON line per check run)."""
+
+    def __init__(self, path: Path):
+        self.path, self.read = path, 0
+
+    def new(self) -> list[dict]:
+        """The records written since the last call."""
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines[self.read:] if line.strip()]
+        self.read = len(lines)
+        return records
+
+
 async def _grade(plan: Plan, timeout: float, env: dict[str, str], workdir: Path) -> NotebookResult:
     from jupyter_client.manager import AsyncKernelManager
     from nbclient import NotebookClient
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     start = time.monotonic()
-    log = workdir / "checks.jsonl"
-    results: dict[str, Result] = {}
-    for exercise in plan.exercises:
-        if exercise.check in plan.removed:
-            message = f"the check cell for exercise {exercise.number} was removed."
-            results[exercise.check] = Result(exercise, False, message)
-    stopped: str | None = None
+    log = CheckLog(workdir / "checks.jsonl")
+    judge = Judge(plan)
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(step.source) for step in plan.steps]
     km = AsyncKernelManager(kernel_spec_manager=_kernel_spec_manager(), kernel_name="python3")
@@ -312,7 +430,7 @@ async def _grade(plan: Plan, timeout: float, env: dict[str, str], workdir: Path)
     kc = None
     try:
         await km.start_kernel(
-            env={**env, GRADE_LOG: str(log)},
+            env={**env, GRADE_LOG: str(log.path)},
             cwd=str(plan.path.resolve().parent),
             extra_arguments=["--HistoryManager.hist_file=:memory:"],
         )
@@ -320,82 +438,35 @@ async def _grade(plan: Plan, timeout: float, env: dict[str, str], workdir: Path)
         kc.start_channels()
         await kc.wait_for_ready(timeout=KERNEL_START_TIMEOUT)
     except Exception as error:  # noqa: BLE001 - any failure to start is one sentence
-        stopped = f"the kernel did not start ({type(error).__name__}: {error})."
+        judge.stopped = kernel_did_not_start(error)
     client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=True)
     client.kc = kc
-    logged = 0
-    first_error: tuple[int, tuple[str, str]] | None = None  # first error in the student's code
-    pending: tuple[int, tuple[str, str]] | None = None  # first since the last check cell
-    for index, step in enumerate(plan.steps):
-        if stopped:
+    for index in range(len(plan.steps)):
+        if judge.stopped:
             break
         try:
             cell = await client.async_execute_cell(nb.cells[index], index)
         except CellTimeoutError:
-            stopped = f"cell {step.cell} ({_where(plan.steps, index)}) ran longer than {timeout:g} s"
+            judge.stop(index, "timeout", timeout)
             break
         except DeadKernelError:
-            stopped = (
-                f"the kernel died while running cell {step.cell} ({_where(plan.steps, index)}): "
-                "os._exit, a crash in compiled code or running out of memory"
-            )
+            judge.stop(index, "dead")
             break
-        error = _error_of(cell)
+        error = error_of(cell)
         cell.outputs = []  # keep memory flat on chatty notebooks
-        records = []  # what checks logged during this cell (only check cells' count)
-        if log.exists():
-            lines = log.read_text(encoding="utf-8").splitlines()
-            records = [json.loads(line) for line in lines[logged:] if line.strip()]
-            logged = len(lines)
-        if step.check_cell is None:
-            if error and pending is None:
-                pending = (index, error)
-            if error and first_error is None:
-                first_error = (index, error)
-            continue
-        for exercise in step.check_cell.exercises:
-            record = next((r for r in records if r.get("check") == exercise.check), None)
-            if record is not None:
-                passed, message = bool(record["passed"]), str(record["message"])
-                if not passed and pending is not None and pending[1][0] != "NotImplementedError":
-                    message += f" (Note: {_where(plan.steps, pending[0])} raised {_sentence(pending[1])}.)"
-            elif pending is not None:
-                passed = False
-                if pending[0] == index - 1:
-                    place = f"the cell before exercise {exercise.number}"
-                else:
-                    place = f"cell {plan.steps[pending[0]].cell} (before exercise {exercise.number})"
-                message = f"your code in {place} raised {_sentence(pending[1])}"
-            elif error is not None:
-                passed = False
-                message = f"the check cell raised {_sentence(error)}"
-                if first_error is not None:
-                    message += (
-                        f" (the first error in your notebook: {_where(plan.steps, first_error[0])}"
-                        f", cell {plan.steps[first_error[0]].cell}, raised {_sentence(first_error[1])})"
-                    )
-                elif error[0] == "NameError":
-                    message += ": is the cell that defines it missing, or was it renamed?"
-            else:
-                passed, message = False, "the check did not report a result."
-            if not passed and not message.endswith((".", "?")):
-                message += "."
-            results[exercise.check] = Result(exercise, passed, message)
-        pending = None
+        judge.step(index, error, log.new())  # only check cells' records count
     if kc is not None:
         kc.stop_channels()
     try:
         await km.shutdown_kernel(now=True)
     except Exception:  # noqa: BLE001, S110 - already dead or never started
         pass
-    ordered = []
-    for exercise in plan.exercises:
-        result = results.get(exercise.check)
-        if result is None:
-            result = Result(exercise, False, f"not graded: {stopped or 'the check cell did not run'}.")
-        result.edited = exercise.check in plan.edited
-        ordered.append(result)
-    return NotebookResult(plan.path, plan.chapter, ordered, time.monotonic() - start, stopped)
+    return NotebookResult(plan.path, plan.chapter, judge.ordered(), time.monotonic() - start,
+                          judge.stopped)
+
+
+def kernel_did_not_start(error: BaseException) -> str:
+    return f"the kernel did not start ({type(error).__name__}: {error})"
 
 
 def cores() -> int:
