@@ -529,12 +529,14 @@ def _escape(message) -> str:
 
 
 def name_mistake(actual, table, *args, pick=None, general=None, prefix="", atol=1e-5, rtol=1e-4,
-                 **kwargs) -> None:
+                 run=None, **kwargs) -> None:
     """Fail with the message of the first :class:`Mistake` in ``table`` that ``actual`` matches.
 
     Each mistake's wrong implementation runs on ``args``/``kwargs`` (skipped when it does
-    not fit them); ``pick`` selects the compared part of a result (e.g. the weights of
-    an (output, weights) pair). When none matches and ``general`` is given, fail with it.
+    not fit them), or through ``run(wrong)`` when given (a wrong class: build it with the
+    student's weights and call it); ``pick`` selects the compared part of a result (e.g.
+    the weights of an (output, weights) pair). When none matches and ``general`` is
+    given, fail with it.
     """
     for mistake in table:
         if not isinstance(mistake, Mistake) or (mistake.when and not mistake.when(*args, **kwargs)):
@@ -543,7 +545,7 @@ def name_mistake(actual, table, *args, pick=None, general=None, prefix="", atol=
             hit = mistake.symptom(actual, *args, **kwargs)
         else:
             with torch.no_grad():
-                wrong = _attempt_wrong(mistake, args, kwargs)
+                wrong = _attempt_wrong(mistake, args, kwargs, run)
             if wrong is not None and pick is not None:
                 wrong = pick(wrong)
             hit = same(actual, wrong, atol=atol, rtol=rtol)
@@ -553,9 +555,9 @@ def name_mistake(actual, table, *args, pick=None, general=None, prefix="", atol=
         fail(general)
 
 
-def _attempt_wrong(mistake: Mistake, args, kwargs):
+def _attempt_wrong(mistake: Mistake, args, kwargs, run=None):
     """The wrong implementation's result on this case, or None when it does not fit it."""
     try:
-        return mistake.wrong(*args, **kwargs)
+        return run(mistake.wrong) if run is not None else mistake.wrong(*args, **kwargs)
     except (RuntimeError, IndexError, ValueError, TypeError):
         return None
