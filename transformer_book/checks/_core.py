@@ -529,7 +529,7 @@ def _escape(message) -> str:
 
 
 def name_mistake(actual, table, *args, pick=None, general=None, prefix="", atol=1e-5, rtol=1e-4,
-                 run=None, **kwargs) -> None:
+                 run=None, equal_nan=False, **kwargs) -> None:
     """Fail with the message of the first :class:`Mistake` in ``table`` that ``actual`` matches.
 
     Each mistake's wrong implementation runs on ``args``/``kwargs`` (skipped when it does
@@ -548,7 +548,7 @@ def name_mistake(actual, table, *args, pick=None, general=None, prefix="", atol=
                 wrong = _attempt_wrong(mistake, args, kwargs, run)
             if wrong is not None and pick is not None:
                 wrong = pick(wrong)
-            hit = same(actual, wrong, atol=atol, rtol=rtol)
+            hit = same(actual, wrong, atol=atol, rtol=rtol, equal_nan=equal_nan)
         if hit:
             fail(prefix + mistake.says(*args, **kwargs))
     if general is not None:
