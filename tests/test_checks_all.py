@@ -4,12 +4,15 @@ Each check passes the notebook's own solution (leaving the global random state a
 found it), fails the generated stub with a
 CheckFailure caused by the stub's NotImplementedError, refuses a tensor in place of
 the student's code with one sentence, and turns a crash of the student's code into one
-sentence. The chapter files (test_checks_chNN.py) add the realistic wrong answers.
+sentence. Every wrong implementation in a check's tables of mistakes gets the message
+that names it. The chapter files (test_checks_chNN.py) keep what the tables cannot
+express.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 from functools import cache
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import torch
 from notebook_code import namespace
 
 from transformer_book.checks import REGISTRY, CheckFailure, CheckUsageError
+from transformer_book.checks._core import Caught, Mistake
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,3 +97,38 @@ def test_a_crash_in_student_code_becomes_one_sentence(notebook, check, args):
     with pytest.raises(CheckFailure, match=r"raised ValueError: boom") as info:
         REGISTRY[check](*stand_ins)
     assert "\n" not in str(info.value)
+
+
+def table_entries() -> list[tuple[str, str, tuple[str, ...], str, object]]:
+    """(notebook, check, arguments, parameter, entry) for every entry of every table."""
+    entries = []
+    for notebook, check, args in CALLS:
+        for parameter, table in REGISTRY[check].mistakes.items():
+            entries += [(notebook, check, args, parameter, entry) for entry in table]
+    return entries
+
+
+ENTRIES = table_entries()
+
+
+def test_every_table_belongs_to_a_parameter_of_its_check():
+    for check in REGISTRY.values():
+        parameters = list(inspect.signature(check.func).parameters)
+        for parameter, table in check.mistakes.items():
+            assert parameter in parameters, (check.name, parameter)
+            assert all(isinstance(entry, (Mistake, Caught)) for entry in table), check.name
+
+
+@pytest.mark.parametrize(
+    "notebook, check, args, parameter, entry", ENTRIES,
+    ids=[f"{e[1]}-{i}" for i, e in enumerate(ENTRIES)],
+)
+def test_names_every_mistake_of_its_tables(notebook, check, args, parameter, entry):
+    """Each wrong implementation in place of the solution gets the message that names it."""
+    scope = loaded("solutions", notebook)
+    parameters = list(inspect.signature(REGISTRY[check].func).parameters)
+    students = [
+        entry.wrong if name == parameter else scope[a] for name, a in zip(parameters, args)
+    ]
+    with pytest.raises(CheckFailure, match=entry.pattern):
+        REGISTRY[check](*students)

@@ -1,28 +1,35 @@
 """Checks for chapter 1, attention and self-attention.
 
 Every check computes its reference in float64 from the same inputs it hands to your
-function. When your answer differs, the check first recomputes the answers that the
-usual mistakes would give (softmax over the wrong axis, a missing tanh, a weight matrix
-used without its transpose, mean pooling, the inverse permutation ...) and names the one that
-matches; only if none does it fall back to a general message.
+function. When your answer differs, the check runs the usual mistakes on the same inputs
+(softmax over the wrong axis, a missing tanh, a weight matrix used without its transpose,
+mean pooling, the inverse permutation ...), each written once as a wrong implementation in
+a table, and names the first one that matches; only if none does it fall back to a
+general message.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from ._core import (
-    CheckFailure,
+    Caught,
+    Hint,
+    Mistake,
     call,
-    diagnose,
     exercise,
     expect_callable,
+    expect_dtype,
+    expect_finite,
     expect_shape,
     expect_tensor,
     fail,
+    fmt,
+    name_mistake,
     same,
 )
 
@@ -49,16 +56,12 @@ def _derangement(length: int) -> torch.Tensor:
     return torch.roll(torch.arange(length), 1)
 
 
-def _fmt(shape) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
-
-
 def _unpack(result, what: str, out_shape=None, weights_shape=None):
     """Split the returned pair, with a specific message for the usual slips."""
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
         kind = type(result).__name__
         if isinstance(result, torch.Tensor):
-            kind = f"one tensor of shape {_fmt(result.shape)}"
+            kind = f"one tensor of shape {fmt(result.shape)}"
         fail(f"{what} should return a pair (output, weights), but it returned {kind}.")
     output, weights = result
     expect_tensor(output, f"the first thing {what} returns (the output)")
@@ -74,30 +77,26 @@ def _unpack(result, what: str, out_shape=None, weights_shape=None):
 
 
 def _check_weights_shape(weights, expected, lq: int, lk: int, what: str, extra: str = "") -> None:
-    expected = tuple(expected)
-    got = tuple(weights.shape)
+    expected, got = tuple(expected), tuple(weights.shape)
     batch = expected[:-2]
     if got == expected:
         return
     if lq != lk and got == batch + (lk, lq):
-        fail(
-            f"The attention weights have shape {_fmt(got)}, expected {_fmt(expected)}: they are "
-            "transposed. Rows belong to the queries (Lq) and columns to the keys (Lk), "
-            "so scores = queries @ keys.transpose(-2, -1)."
-        )
+        fail(f"The attention weights have shape {fmt(got)}, expected {fmt(expected)}: they are "
+             "transposed. Rows belong to the queries (Lq) and columns to the keys (Lk), "
+             "so scores = queries @ keys.transpose(-2, -1).")
     if got == batch + (lq,) or got == batch + (lk,):
-        fail(
-            f"The attention weights have shape {_fmt(got)}, expected {_fmt(expected)}: one score "
-            "per query, where there must be one per (query, key) pair. Did you pair query i "
-            f"with key i only?{extra}"
-        )
+        fail(f"The attention weights have shape {fmt(got)}, expected {fmt(expected)}: one score "
+             "per query, where there must be one per (query, key) pair. Did you pair query i "
+             f"with key i only?{extra}")
     expect_shape(weights, expected, f"The attention weights returned by {what}")
 
 
-def _diagnose(actual, reference, wrong_answers, general: str) -> None:
-    """Fail with the message of the first wrong answer ``actual`` matches, else ``general``."""
+def _diagnose(actual, reference, table, args, general: str, pick) -> None:
+    """Unless ``actual`` is the reference: the first mistake of ``table`` it matches, else
+    ``general``."""
     if not _close(actual, reference):
-        diagnose(actual, wrong_answers, general, atol=ATOL, rtol=RTOL)
+        name_mistake(actual, table, *args, pick=pick, general=general, atol=ATOL, rtol=RTOL)
 
 
 def _rows_sum_message(weights: torch.Tensor) -> str | None:
@@ -105,15 +104,27 @@ def _rows_sum_message(weights: torch.Tensor) -> str | None:
     if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
         columns = weights.detach().double().sum(dim=-2)
         if torch.allclose(columns, torch.ones_like(columns), atol=1e-4):
-            return (
-                "The attention weights sum to 1 down each column (over the queries), not along "
-                "each row (over the keys): softmax over dim=-2 instead of dim=-1?"
-            )
-        return (
-            "The attention weights do not sum to 1 over the keys (the last axis): is the softmax "
-            "missing, or taken over the wrong dim?"
-        )
+            return ("The attention weights sum to 1 down each column (over the queries), not "
+                    "along each row (over the keys): softmax over dim=-2 instead of dim=-1?")
+        return ("The attention weights do not sum to 1 over the keys (the last axis): is the "
+                "softmax missing, or taken over the wrong dim?")
     return None
+
+
+def _output(pair):
+    return pair[0]
+
+
+def _weights(pair):
+    return pair[1]
+
+
+_OVERFLOW = ("with scores in the hundreds, exp overflows to inf and inf / inf is NaN: use "
+             "torch.softmax, which subtracts each row's max before exp.")
+
+
+def _naive_softmax(scores, dim=-1):  # exp / sum without the shift: overflows for big scores
+    return scores.exp() / scores.exp().sum(dim=dim, keepdim=True)
 
 
 # ------------------------------------------------------------- exercise 1.1: additive
@@ -139,34 +150,93 @@ def _additive_scores(query, key, w_q, w_k, w_s, tanh=True, transpose=True, dot=T
     return hidden @ w_s if dot else hidden.sum(-1)  # (..., Lq, Lk)
 
 
+def _additive_variant(query, key, value, w_q, w_k, w_s, *, tanh=True, transpose=True, dot=True,
+                      tanh_last=False, dim=-1, average="values", swap=False, pair=False,
+                      softmax=torch.softmax):
+    """additive_attention with one option per mistake (the defaults give the right answer)."""
+    if pair:  # query i meets key i only
+        weights = softmax(torch.tanh(query @ w_q.T + key @ w_k.T) @ w_s, dim=-1)  # (..., L)
+        return weights.unsqueeze(-1) * value, weights
+    scores = _additive_scores(query, key, w_q, w_k, w_s, tanh and not tanh_last, transpose, dot)
+    weights = softmax(torch.tanh(scores) if tanh_last else scores, dim=dim)
+    output = {"values": lambda: weights @ value, "keys": lambda: weights @ key,
+              "transposed": lambda: weights.transpose(-2, -1) @ value}[average]()
+    return (weights, output) if swap else (output, weights)
+
+
+_ADDITIVE_WEIGHTS = [
+    Mistake("Your weights match additive attention without the tanh. Without it the score "
+            "splits into w_s.(W_q q_i) + w_s.(W_k k_j); the query part is the same for every "
+            "key and cancels in the softmax, so every query gets the same weights. Apply "
+            "tanh to W_q q_i + W_k k_j, then take the dot product with w_s.",
+            partial(_additive_variant, tanh=False)),
+    Mistake("Your weights match tanh applied after the dot product with w_s. The tanh acts "
+            "on each hidden unit of W_q q_i + W_k k_j; w_s then combines the units into "
+            "one score.", partial(_additive_variant, tanh_last=True)),
+    Mistake("Your weights match summing the hidden units tanh(W_q q_i + W_k k_j) over d_h; "
+            "the score is their dot product with the learned vector w_s.",
+            partial(_additive_variant, dot=False)),
+    Mistake("Your weights match x @ w_q and x @ w_k without the transpose. The weights are "
+            "stored like nn.Linear's, with shape (out_features, in_features) = (d_h, d_in), "
+            "so the projection is x @ w_q.T.", partial(_additive_variant, transpose=False)),
+    Mistake("Your weights match a softmax over the queries (dim=-2): each key's column sums "
+            "to 1. The softmax runs over the keys (dim=-1), so each query's row sums to 1.",
+            partial(_additive_variant, dim=-2), expect=r"softmax over the queries \(dim=-2\)"),
+]
+_ADDITIVE_OUTPUT = [
+    Mistake("Your weights are right but the output matches the weighted mean of the keys: "
+            "the keys only decide the weights; the output averages the values.",
+            partial(_additive_variant, average="keys")),
+    Mistake("Your weights are right but the output uses them transposed: "
+            "output = weights @ value, one row per query.",
+            partial(_additive_variant, average="transposed")),
+]
+
+
+def _additive_smoothed(*args):  # an unknown mistake: the general message
+    output, weights = _additive_variant(*args)
+    return output, (weights + 0.01) / (1 + 0.01 * weights.shape[-1])
+
+
+_ADDITIVE_CAUGHT = [
+    Caught(partial(_additive_variant, swap=True), r"returned \(weights, output\)"),
+    Caught(partial(_additive_variant, pair=True), "pair query i\\s+with key i only"),
+    Caught(lambda *args: _additive_variant(*args)[0], "should return a pair"),
+    Caught(_additive_smoothed, "differ from the reference weights"),
+    Caught(partial(_additive_variant, softmax=_naive_softmax), "exp overflows"),
+    Caught(lambda *args: _additive_variant(*(a.float() for a in args)),
+           "returns torch.float32 for float64 inputs"),
+]
+
+
 def _additive_cases(generator):
-    # (batch, Lq, Lk, d_q, d_k, d_v, d_h). The first case has Lq = Lk, square weights and
-    # d_k = d_v, so that every wrong answer below can be computed and recognised.
+    # (batch, Lq, Lk, d_q, d_k, d_v, d_h, scale of w_s). The first case has Lq = Lk, square
+    # weights and d_k = d_v, so that every wrong answer below can be computed and
+    # recognised; the last has scores in the hundreds, where exp without a shift overflows.
     shapes = [
-        ((2,), 4, 4, 5, 5, 5, 5),
-        ((2,), 3, 5, 4, 4, 4, 4),
-        ((), 4, 7, 3, 6, 2, 5),
-        ((2, 3), 5, 1, 4, 4, 3, 6),
-        ((3,), 1, 6, 2, 7, 4, 3),
+        ((2,), 4, 4, 5, 5, 5, 5, 2.0),
+        ((2,), 3, 5, 4, 4, 4, 4, 2.0),
+        ((), 4, 7, 3, 6, 2, 5, 2.0),
+        ((2, 3), 5, 1, 4, 4, 3, 6, 2.0),
+        ((3,), 1, 6, 2, 7, 4, 3, 2.0),
+        ((2,), 3, 4, 3, 5, 2, 6, 150.0),
     ]
-    for batch, lq, lk, d_q, d_k, d_v, d_h in shapes:
+    for batch, lq, lk, d_q, d_k, d_v, d_h, scale in shapes:
         yield dict(
             query=_random(*batch, lq, d_q, generator=generator),
             key=_random(*batch, lk, d_k, generator=generator),
             value=_random(*batch, lk, d_v, generator=generator),
             w_q=_weight(d_h, d_q, generator),
             w_k=_weight(d_h, d_k, generator),
-            w_s=_random(d_h, generator=generator, scale=2.0),
+            w_s=_random(d_h, generator=generator, scale=scale),
         )
 
 
-@exercise("1.1", "Additive (Bahdanau) attention")
+@exercise("1.1", "Additive (Bahdanau) attention", mistakes={
+    "additive_attention": _ADDITIVE_WEIGHTS + _ADDITIVE_OUTPUT + _ADDITIVE_CAUGHT})
 def check_additive_attention(additive_attention):
-    expect_callable(
-        additive_attention,
-        "your additive attention function",
-        "check_additive_attention(additive_attention)",
-    )
+    expect_callable(additive_attention, "your additive attention function",
+                    "check_additive_attention(additive_attention)")
     generator = torch.Generator().manual_seed(11)
     for number, case in enumerate(_additive_cases(generator)):
         _additive_case(additive_attention, case, torch.float64 if number == 3 else torch.float32)
@@ -174,103 +244,45 @@ def check_additive_attention(additive_attention):
 
 def _additive_case(additive_attention, case, dtype):
     what = "additive_attention"
-    query, key, value = case["query"], case["key"], case["value"]
-    w_q, w_k, w_s = case["w_q"], case["w_k"], case["w_s"]
-    inputs = [case[n].to(dtype) for n in ("query", "key", "value", "w_q", "w_k", "w_s")]
-    result = call(additive_attention, *inputs, what=what)
-    lq, lk = query.shape[-2], key.shape[-2]
-    batch = tuple(query.shape[:-2])
+    args = tuple(case[n] for n in ("query", "key", "value", "w_q", "w_k", "w_s"))
+    result = call(additive_attention, *(a.to(dtype) for a in args), what=what)
+    query, key, value = args[:3]
+    lq, lk, batch = query.shape[-2], key.shape[-2], tuple(query.shape[:-2])
     out_shape, w_shape = batch + (lq, value.shape[-1]), batch + (lq, lk)
     output, weights = _unpack(result, what, out_shape, w_shape)
-    _check_weights_shape(
-        weights,
-        w_shape,
-        lq,
-        lk,
-        what,
-        " Broadcast instead: (..., Lq, 1, d_h) + (..., 1, Lk, d_h) gives every pair.",
-    )
-    ref_out, ref_w = _additive_reference(query, key, value, w_q, w_k, w_s)
-
-    def weights_of(**options):
-        return torch.softmax(_additive_scores(query, key, w_q, w_k, w_s, **options), dim=-1)
-
-    wrong_weights = [
-        (
-            lambda: weights_of(tanh=False),
-            "Your weights match additive attention without the tanh. Without it the score "
-            "splits into w_s.(W_q q_i) + w_s.(W_k k_j); the query part is the same for every "
-            "key and cancels in the softmax, so every query gets the same weights. Apply "
-            "tanh to W_q q_i + W_k k_j, then take the dot product with w_s.",
-        ),
-        (
-            lambda: torch.softmax(
-                torch.tanh(_additive_scores(query, key, w_q, w_k, w_s, tanh=False)), dim=-1
-            ),
-            "Your weights match tanh applied after the dot product with w_s. The tanh acts "
-            "on each hidden unit of W_q q_i + W_k k_j; w_s then combines the units into "
-            "one score.",
-        ),
-        (
-            lambda: weights_of(dot=False),
-            "Your weights match summing the hidden units tanh(W_q q_i + W_k k_j) over d_h; "
-            "the score is their dot product with the learned vector w_s.",
-        ),
-        (
-            lambda: weights_of(transpose=False),
-            "Your weights match x @ w_q and x @ w_k without the transpose. The weights are "
-            "stored like nn.Linear's, with shape (out_features, in_features) = (d_h, d_in), "
-            "so the projection is x @ w_q.T.",
-        ),
-        (
-            lambda: torch.softmax(_additive_scores(query, key, w_q, w_k, w_s), dim=-2),
-            "Your weights match a softmax over the queries (dim=-2): each key's column sums "
-            "to 1. The softmax runs over the keys (dim=-1), so each query's row sums to 1.",
-        ),
-    ]
-    row_sums = _rows_sum_message(weights)
-    general = row_sums or (
+    _check_weights_shape(weights, w_shape, lq, lk, what, " Broadcast instead: (..., Lq, 1, d_h) "
+                         "+ (..., 1, Lk, d_h) gives every pair.")
+    if dtype == torch.float64:
+        expect_dtype(output, dtype, f"{what} returns {output.dtype} for float64 inputs: keep "
+                     "the inputs' dtype.")
+    expect_finite(weights, "your attention weights", _OVERFLOW)
+    ref_out, ref_w = _additive_reference(*args)
+    general = _rows_sum_message(weights) or (
         "Your attention weights differ from the reference weights "
-        "softmax_j(w_s . tanh(W_q q_i + W_k k_j))."
-    )
-    _diagnose(weights, ref_w, wrong_weights, general)
-
-    wrong_outputs = [
-        (
-            lambda: ref_w @ key,
-            "Your weights are right but the output matches the weighted mean of the keys: "
-            "the keys only decide the weights; the output averages the values.",
-        ),
-        (
-            lambda: ref_w.transpose(-2, -1) @ value,
-            "Your weights are right but the output uses them transposed: "
-            "output = weights @ value, one row per query.",
-        ),
-    ]
-    _diagnose(
-        output,
-        ref_out,
-        wrong_outputs,
-        "Your weights are right but the output differs from weights @ value.",
-    )
+        "softmax_j(w_s . tanh(W_q q_i + W_k k_j)).")
+    _diagnose(weights, ref_w, _ADDITIVE_WEIGHTS, args, general, _weights)
+    _diagnose(output, ref_out, _ADDITIVE_OUTPUT, args,
+              "Your weights are right but the output differs from weights @ value.", _output)
 
 
 # ------------------------------------------------------ exercise 1.2: attention pooling
 
 
 def _pool_cases(generator):
-    # (batch, L, d_model, d_k, d_v). The first case is square (d_model = d_k = d_v) so that
-    # answers that skip a projection or its transpose can be computed and recognised.
+    # (batch, L, d_model, d_k, d_v, scale of x). The first case is square (d_model = d_k =
+    # d_v) so that answers that skip a projection or its transpose can be computed and
+    # recognised; the last has scores in the hundreds, where exp without a shift overflows.
     shapes = [
-        ((3,), 5, 6, 6, 6),
-        ((2,), 4, 8, 5, 3),
-        ((), 7, 6, 4, 2),
-        ((2,), 1, 5, 3, 4),
-        ((2, 3), 6, 10, 7, 5),
+        ((3,), 5, 6, 6, 6, 1.0),
+        ((2,), 4, 8, 5, 3, 1.0),
+        ((), 7, 6, 4, 2, 1.0),
+        ((2,), 1, 5, 3, 4, 1.0),
+        ((2, 3), 6, 10, 7, 5, 1.0),
+        ((2,), 5, 6, 9, 3, 40.0),
     ]
-    for batch, length, d_model, d_k, d_v in shapes:
+    for batch, length, d_model, d_k, d_v, scale in shapes:
         yield dict(
-            x=_random(*batch, length, d_model, generator=generator),
+            x=_random(*batch, length, d_model, generator=generator, scale=scale),
             query=_random(d_k, generator=generator),
             w_k=_weight(d_k, d_model, generator),
             w_v=_weight(d_v, d_model, generator),
@@ -286,7 +298,85 @@ def _pool_reference(x, query, w_k, w_v):
     return pooled.squeeze(-2), weights
 
 
-@exercise("1.2", "Attention pooling")
+def _pool_variant(x, query, w_k, w_v, *, t_k=True, t_v=True, project_keys=True, scaled=False,
+                  dim=-1, values="v", uniform=False, reduce="weighted", keep_axis=False,
+                  position_bias=False, softmax=torch.softmax):
+    """attention_pool with one option per mistake (the defaults give the right answer)."""
+    keys = (x @ (w_k.T if t_k else w_k)) if project_keys else x
+    v = {"v": x @ (w_v.T if t_v else w_v), "x": x, "k": keys}[values]
+    scores = keys @ query / (math.sqrt(query.shape[-1]) if scaled else 1)  # (..., L)
+    if position_bias:  # a term that depends on where a token sits
+        scores = scores + torch.arange(x.shape[-2], dtype=x.dtype)
+    weights = softmax(scores, dim=dim)
+    if uniform:
+        weights = torch.full_like(weights, 1 / x.shape[-2])
+    pooled = {"weighted": lambda: (weights.unsqueeze(-1) * v).sum(dim=-2),
+              "mean": lambda: v.mean(dim=-2), "max": lambda: v.amax(dim=-2)}[reduce]()
+    if keep_axis:
+        return pooled.unsqueeze(-2), weights.unsqueeze(-2)
+    return pooled, weights
+
+
+_POOL_WEIGHTS = [
+    Mistake("Your weights are 1/L for every token: that is mean pooling. The weights come "
+            "from the scores query . k_j, through a softmax over the tokens.",
+            partial(_pool_variant, uniform=True)),
+    Mistake("Your weights match scores divided by sqrt(d_k): that is chapter 2's scaled "
+            "attention. This exercise uses the plain dot products of chapter 1 (no scale).",
+            partial(_pool_variant, scaled=True)),
+    Mistake("Your weights match softmax(x . query): the query was compared with x itself, "
+            "without projecting the keys first (K = x @ w_k.T).",
+            partial(_pool_variant, project_keys=False)),
+    Mistake("Your weights match x @ w_k without the transpose. The weights are stored like "
+            "nn.Linear's, (out_features, in_features), so the keys are x @ w_k.T.",
+            partial(_pool_variant, t_k=False, t_v=False)),
+    Mistake("Your weights sum to 1 over the batch (dim 0), not over the tokens of each "
+            "sequence: take the softmax over the last dim (dim=-1), the tokens.",
+            partial(_pool_variant, dim=0), when=lambda x, *_: x.dim() > 2,
+            expect=r"sum to 1 over the batch \(dim 0\)"),
+]
+_POOL_OUTPUT = [
+    Mistake("Your weights are right but the pooled vector averages x itself: project the "
+            "values first, V = x @ w_v.T, then pool sum_j weights_j v_j.",
+            partial(_pool_variant, values="x")),
+    Mistake("Your weights are right but the pooled vector averages the keys: the keys decide "
+            "the weights, the values (x @ w_v.T) are averaged.",
+            partial(_pool_variant, values="k")),
+    Mistake("Your weights are right but the values are x @ w_v without the transpose; w_v has "
+            "nn.Linear's shape (d_v, d_model), so V = x @ w_v.T.",
+            partial(_pool_variant, t_v=False)),
+    Mistake("Your weights are right but the pooled vector is the plain mean of the values: "
+            "weight each value by its attention weight, sum_j weights_j v_j.",
+            partial(_pool_variant, reduce="mean")),
+    Mistake("Your pooled vector is the largest value in each feature (max pooling): attention "
+            "pooling is the weighted mean sum_j weights_j v_j.",
+            partial(_pool_variant, reduce="max")),
+]
+
+
+def _pool_without_softmax(x, query, w_k, w_v):
+    scores = (x @ w_k.T) @ query  # (..., L), not normalised
+    return (scores.unsqueeze(-1) * (x @ w_v.T)).sum(-2), scores
+
+
+def _pool_in_place(x, query, w_k, w_v):
+    x -= x.mean(dim=-2, keepdim=True)
+    return _pool_variant(x, query, w_k, w_v)
+
+
+_POOL_CAUGHT = [
+    Caught(partial(_pool_variant, keep_axis=True), "keeps an axis of length 1"),
+    Caught(partial(_pool_variant, position_bias=True), "position-dependent"),
+    Caught(lambda *args: _pool_variant(*args)[::-1], r"returned \(weights, output\)"),
+    Caught(lambda *args: _pool_variant(*args)[0], "should return a pair"),
+    Caught(_pool_without_softmax, "do not sum to 1 over the tokens"),
+    Caught(_pool_in_place, "changed its input `x` in place"),
+    Caught(partial(_pool_variant, softmax=_naive_softmax), "exp overflows"),
+]
+
+
+@exercise("1.2", "Attention pooling",
+          mistakes={"attention_pool": _POOL_WEIGHTS + _POOL_OUTPUT + _POOL_CAUGHT})
 def check_attention_pool(attention_pool):
     expect_callable(
         attention_pool, "your attention pooling function", "check_attention_pool(attention_pool)"
@@ -301,6 +391,7 @@ def check_attention_pool(attention_pool):
 
 
 def _pool_invariance(attention_pool, inputs):
+    """Probe: reordering the tokens leaves the pooled vector and moves the weights."""
     what = "attention_pool"
     x, *rest = inputs
     pooled, weights = _unpack(call(attention_pool, x, *rest, what=what), what)
@@ -312,72 +403,42 @@ def _pool_invariance(attention_pool, inputs):
         torch.allclose(moved, pooled, atol=1e-5, rtol=1e-4)
         and torch.allclose(moved_w, weights[..., perm], atol=1e-5, rtol=1e-4)
     ):
-        fail(
-            "Reordering the tokens of x changes your pooled vector (or does not move the "
-            "weights with the tokens): attention pooling is a weighted mean over the tokens, "
-            "so it must not depend on their order. Is a position-dependent term involved?"
-        )
+        fail("Reordering the tokens of x changes your pooled vector (or does not move the "
+             "weights with the tokens): attention pooling is a weighted mean over the tokens, "
+             "so it must not depend on their order. Is a position-dependent term involved?")
+
+
+def _pool_shapes(pooled, weights, what, x, out_shape, w_shape) -> None:
+    for got, expected, name in ((pooled, out_shape, "pooled vector"), (weights, w_shape, "weights")):
+        if tuple(got.shape) == expected[:-1] + (1,) + expected[-1:]:
+            fail(f"The {name} has shape {fmt(got.shape)}, expected {fmt(expected)}: it keeps an "
+                 "axis of length 1 for the single query. Drop it (.squeeze(-2)): there is one "
+                 "pooled vector per sequence and one weight per token.")
+    expect_shape(weights, w_shape, f"the weights returned by {what} for x of shape {fmt(x.shape)}")
+    expect_shape(pooled, out_shape, f"the pooled vector returned by {what}")
 
 
 def _pool_case(attention_pool, case, dtype):
     what = "attention_pool"
-    x, query, w_k, w_v = case["x"], case["query"], case["w_k"], case["w_v"]
-    inputs = [t.to(dtype) for t in (x, query, w_k, w_v)]
+    args = tuple(case[n] for n in ("x", "query", "w_k", "w_v"))
+    inputs = [t.to(dtype) for t in args]
     before = [t.clone() for t in inputs]
     result = call(attention_pool, *inputs, what=what)
     for name, old, new in zip(("x", "query", "w_k", "w_v"), before, inputs):
         if not torch.equal(old, new):
             fail(f"{what} changed its input `{name}` in place: compute new tensors instead.")
-    batch, length, d_v = tuple(x.shape[:-2]), x.shape[-2], w_v.shape[0]
-    out_shape, w_shape = batch + (d_v,), batch + (length,)
+    x, w_v = args[0], args[3]
+    batch, length = tuple(x.shape[:-2]), x.shape[-2]
+    out_shape, w_shape = batch + (w_v.shape[0],), batch + (length,)
     pooled, weights = _unpack(result, what, out_shape, w_shape)
-    for got, expected, name in ((pooled, out_shape, "pooled vector"), (weights, w_shape, "weights")):
-        if tuple(got.shape) == expected[:-1] + (1,) + expected[-1:]:
-            fail(
-                f"The {name} has shape {_fmt(got.shape)}, expected {_fmt(expected)}: it keeps an "
-                "axis of length 1 for the single query. Drop it (.squeeze(-2)): there is one "
-                "pooled vector per sequence and one weight per token."
-            )
-    expect_shape(weights, w_shape, f"the weights returned by {what} for x of shape {_fmt(x.shape)}")
-    expect_shape(pooled, out_shape, f"the pooled vector returned by {what}")
-    if dtype == torch.float64 and pooled.dtype != torch.float64:
-        fail(f"{what} returns {pooled.dtype} for float64 inputs: keep the inputs' dtype.")
-
-    ref_pooled, ref_w = _pool_reference(x, query, w_k, w_v)
+    _pool_shapes(pooled, weights, what, x, out_shape, w_shape)
+    if dtype == torch.float64:
+        expect_dtype(pooled, dtype, f"{what} returns {pooled.dtype} for float64 inputs: keep "
+                     "the inputs' dtype.")
+    expect_finite(weights, "your attention weights", _OVERFLOW)
+    ref_pooled, ref_w = _pool_reference(*args)
     if length > 1 and not (_close(weights, ref_w) and _close(pooled, ref_pooled)):
         _pool_invariance(attention_pool, inputs)
-    keys, values = x @ w_k.T, x @ w_v.T
-    d_k = query.shape[-1]
-    wrong_weights = [
-        (
-            torch.full_like(ref_w, 1 / length),
-            "Your weights are 1/L for every token: that is mean pooling. The weights come "
-            "from the scores query . k_j, through a softmax over the tokens.",
-        ),
-        (
-            lambda: torch.softmax(keys @ query / math.sqrt(d_k), dim=-1),
-            "Your weights match scores divided by sqrt(d_k): that is chapter 2's scaled "
-            "attention. This exercise uses the plain dot products of chapter 1 (no scale).",
-        ),
-        (
-            lambda: torch.softmax(x @ query, dim=-1),
-            "Your weights match softmax(x . query): the query was compared with x itself, "
-            "without projecting the keys first (K = x @ w_k.T).",
-        ),
-        (
-            lambda: torch.softmax((x @ w_k) @ query, dim=-1),
-            "Your weights match x @ w_k without the transpose. The weights are stored like "
-            "nn.Linear's, (out_features, in_features), so the keys are x @ w_k.T.",
-        ),
-    ]
-    if batch:
-        wrong_weights.append(
-            (
-                lambda: torch.softmax(keys @ query, dim=0),
-                "Your weights sum to 1 over the batch (dim 0), not over the tokens of each "
-                "sequence: take the softmax over the last dim (dim=-1), the tokens.",
-            )
-        )
     sums = weights.detach().double().sum(dim=-1)
     general = (
         "Your weights differ from softmax_j(query . k_j) with k_j = x_j @ w_k.T."
@@ -385,42 +446,9 @@ def _pool_case(attention_pool, case, dtype):
         else "Your weights do not sum to 1 over the tokens (the last axis): is the softmax "
         "missing, or taken over the wrong dim?"
     )
-    _diagnose(weights, ref_w, wrong_weights, general)
-
-    wrong_pooled = [
-        (
-            lambda: torch.einsum("...l,...ld->...d", ref_w, x),
-            "Your weights are right but the pooled vector averages x itself: project the "
-            "values first, V = x @ w_v.T, then pool sum_j weights_j v_j.",
-        ),
-        (
-            lambda: torch.einsum("...l,...ld->...d", ref_w, keys),
-            "Your weights are right but the pooled vector averages the keys: the keys decide "
-            "the weights, the values (x @ w_v.T) are averaged.",
-        ),
-        (
-            lambda: torch.einsum("...l,...ld->...d", ref_w, x @ w_v),
-            "Your weights are right but the values are x @ w_v without the transpose; w_v has "
-            "nn.Linear's shape (d_v, d_model), so V = x @ w_v.T.",
-        ),
-        (
-            values.mean(dim=-2),
-            "Your weights are right but the pooled vector is the plain mean of the values: "
-            "weight each value by its attention weight, sum_j weights_j v_j.",
-        ),
-        (
-            values.amax(dim=-2),
-            "Your pooled vector is the largest value in each feature (max pooling): attention "
-            "pooling is the weighted mean sum_j weights_j v_j.",
-        ),
-    ]
-    _diagnose(
-        pooled,
-        ref_pooled,
-        wrong_pooled,
-        "Your weights are right but the pooled vector differs from sum_j weights_j v_j with "
-        "v_j = x_j @ w_v.T.",
-    )
+    _diagnose(weights, ref_w, _POOL_WEIGHTS, args, general, _weights)
+    _diagnose(pooled, ref_pooled, _POOL_OUTPUT, args, "Your weights are right but the pooled "
+              "vector differs from sum_j weights_j v_j with v_j = x_j @ w_v.T.", _output)
 
 
 # ------------------------------------------ exercise 1.3: positions break the symmetry
@@ -436,21 +464,43 @@ def _self_attention_layer(w_q, w_k, w_v):
     return layer
 
 
-def _gap(a, b) -> float:
-    return (a - b).abs().max().item()
-
-
 def _as_number(result, what: str) -> float:
     if isinstance(result, torch.Tensor):
         if result.numel() != 1:
-            fail(
-                f"{what} returned a tensor of shape {_fmt(result.shape)}: return one number, "
-                "the largest absolute difference (e.g. `.abs().max().item()`)."
-            )
+            fail(f"{what} returned a tensor of shape {fmt(result.shape)}: return one number, "
+                 "the largest absolute difference (e.g. `.abs().max().item()`).")
         return result.item()
     if isinstance(result, (int, float)) and not isinstance(result, bool):
         return float(result)
     fail(f"{what} should return one number (a float); it returned a {type(result).__name__}.")
+
+
+def _positions_variant(x, table, *, rows="first", op="add"):
+    """add_positions with one option per mistake (the defaults give the right answer)."""
+    length = x.shape[-2]
+    chosen = {"all": table, "last": table[-length:], "first": table[:length]}[rows]
+    if op == "cat":
+        return torch.cat([x, chosen.expand(*x.shape[:-1], -1)], dim=-1)
+    if op == "in place":
+        x += chosen
+        return x
+    return {"add": lambda: x + chosen, "mul": lambda: x * chosen,
+            "detach": lambda: x + chosen.detach(),
+            "alone": lambda: chosen.expand(x.shape).clone()}[op]()
+
+
+_ADD = [
+    Mistake("Your result adds the last L rows of the table: token j gets position vector j, "
+            "the first L rows (table[:L]).", partial(_positions_variant, rows="last")),
+    Mistake("Your result multiplies x by the position vectors: add them.",
+            partial(_positions_variant, op="mul")),
+    Mistake("Your result is the position vectors alone: add them to x.",
+            partial(_positions_variant, op="alone")),
+    Caught(partial(_positions_variant, rows="all"), r"add only its first L rows, table\[:L\]"),
+    Caught(partial(_positions_variant, op="cat"), "concatenates the positions"),
+    Caught(partial(_positions_variant, op="detach"), "No gradient"),
+    Caught(partial(_positions_variant, op="in place"), "in place"),
+]
 
 
 def _check_add_positions(add_positions, batch, length, d_model, max_length, dtype, generator):
@@ -458,55 +508,72 @@ def _check_add_positions(add_positions, batch, length, d_model, max_length, dtyp
     x = _random(*batch, length, d_model, generator=generator).to(dtype)
     table = _random(max_length, d_model, generator=generator).to(dtype).requires_grad_()
     before_x, before_table = x.clone(), table.detach().clone()
-    try:
-        out = call(add_positions, x, table, what=what)
-    except CheckFailure as failure:
-        if isinstance(failure.__cause__, RuntimeError) and max_length != length:
-            fail(
-                f"add_positions crashed for x of shape {_fmt(x.shape)} and a table of "
-                f"{max_length} positions: the table has more rows than the sequence has tokens; "
-                "add only its first L rows, table[:L] with L = x.shape[-2]."
-            )
-        raise
+    hints = [Hint(RuntimeError, "", f"add_positions crashed for x of shape {fmt(x.shape)} and a "
+                  f"table of {max_length} positions: the table has more rows than the sequence "
+                  "has tokens; add only its first L rows, table[:L] with L = x.shape[-2].")]
+    out = call(add_positions, x, table, what=what, hints=hints if max_length != length else ())
     if not torch.equal(x, before_x) or not torch.equal(table.detach(), before_table):
-        fail(
-            "add_positions changed x or the table in place (x += ...): return a new tensor, "
-            "x + table[:L]."
-        )
+        fail("add_positions changed x or the table in place (x += ...): return a new tensor, "
+             "x + table[:L].")
     expect_tensor(out, "what add_positions returns")
     if tuple(out.shape) == tuple(x.shape[:-1]) + (2 * d_model,):
-        fail(
-            f"add_positions returned shape {_fmt(out.shape)}: it concatenates the positions to "
-            "the features. They are added, so that the width stays d_model: x + table[:L]."
-        )
-    expect_shape(out, x.shape, f"add_positions(x, table) for x of shape {_fmt(x.shape)}")
-    rows = table.detach()[:length]
-    if not same(out, x + rows, atol=1e-6, rtol=1e-5):
-        diagnose(
-            out,
-            [
-                (table.detach()[-length:] + x, "Your result adds the last L rows of the table: "
-                 "token j gets position vector j, the first L rows (table[:L])."),
-                (x * rows, "Your result multiplies x by the position vectors: add them."),
-                (rows.expand(x.shape), "Your result is the position vectors alone: add them "
-                 "to x."),
-            ],
-            "add_positions(x, table) differs from x + table[:L], where token j gets row j.",
-            atol=1e-6,
-            rtol=1e-5,
-        )
+        fail(f"add_positions returned shape {fmt(out.shape)}: it concatenates the positions to "
+             "the features. They are added, so that the width stays d_model: x + table[:L].")
+    expect_shape(out, x.shape, f"add_positions(x, table) for x of shape {fmt(x.shape)}")
+    if not same(out, x + table.detach()[:length], atol=1e-6, rtol=1e-5):
+        name_mistake(out, _ADD, x, table.detach(), atol=1e-6, rtol=1e-5, general="add_positions"
+                     "(x, table) differs from x + table[:L], where token j gets row j.")
+    grad = None
     if out.requires_grad:
         (grad,) = torch.autograd.grad(out.sum(), table, allow_unused=True)
-    else:
-        grad = None
     expected_grad = torch.zeros_like(before_table)
     expected_grad[:length] = torch.tensor(batch).prod() if batch else 1
     if grad is None or not torch.allclose(grad, expected_grad):
-        fail(
-            "No gradient (or the wrong one) reaches the table through add_positions: the "
-            "position vectors are learned, so use the table itself (no .detach(), .data or "
-            "torch.tensor(...) copy)."
-        )
+        fail("No gradient (or the wrong one) reaches the table through add_positions: the "
+             "position vectors are learned, so use the table itself (no .detach(), .data or "
+             "torch.tensor(...) copy).")
+
+
+def _gap_variant(layer, x, perm, *, compare="equivariant", reduce="max", absolute=True):
+    """permutation_gap with one option per mistake (the defaults give the right answer)."""
+    inverse = torch.argsort(perm)
+    moved = layer(x[..., inverse if compare == "inverse input" else perm, :])
+    expected = {"equivariant": lambda: layer(x)[..., perm, :], "invariant": lambda: layer(x),
+                "inverse input": lambda: layer(x)[..., perm, :],
+                "inverse output": lambda: layer(x)[..., inverse, :]}[compare]()
+    diff = (moved - expected).abs() if absolute else moved - expected
+    return (diff.mean() if reduce == "mean" else diff.max()).item()
+
+
+def _gap_mistake(message: str, **options) -> Mistake:
+    """A wrong permutation_gap: named when the gap returned is its value and not the gap."""
+    wrong = partial(_gap_variant, **options)
+
+    def symptom(got, layer, x, perm):
+        value, expected = wrong(layer, x, perm), _gap_variant(layer, x, perm)
+        return (abs(value - expected) > 1e-6 + 1e-4 * expected
+                and abs(got - value) <= 1e-6 + 1e-4 * abs(value))
+
+    return Mistake(message, wrong, symptom=symptom)
+
+
+_INVERSE = ("applies the inverse permutation on one side: reorder the input and the output "
+            "the same way, layer(x[..., perm, :]) against layer(x)[..., perm, :].")
+_GAP = [
+    _gap_mistake("compares layer(permuted x) with layer(x) itself: that tests invariance, and "
+                 "self-attention is not invariant, since its output rows move with the tokens. "
+                 "Permute layer(x) too: layer(x)[..., perm, :].", compare="invariant"),
+    _gap_mistake(_INVERSE, compare="inverse output"),
+    _gap_mistake(_INVERSE, compare="inverse input"),
+    _gap_mistake("returns the largest signed difference: take the absolute value first "
+                 "(.abs().max()), since the outputs can differ in either direction.",
+                 absolute=False),
+    _gap_mistake("returns the mean absolute difference: the task asks for the largest, .max().",
+                 reduce="mean"),
+    Caught(lambda *args: torch.tensor([_gap_variant(*args)] * 2), "return one number"),
+    Caught(lambda layer, x, perm: (layer(x[:, perm]) - layer(x)[:, perm]).abs().max().item(),
+           r"raised RuntimeError.*\(5, 6\)"),  # dim 1 holds the tokens only when x is 3-d
+]
 
 
 def _check_gap(permutation_gap, layer, x, perm, label):
@@ -515,55 +582,21 @@ def _check_gap(permutation_gap, layer, x, perm, label):
     got = _as_number(call(permutation_gap, layer, x, perm, what=what), what)
     if not torch.equal(x, before):
         fail("permutation_gap changed x in place: permute into a new tensor (x[..., perm, :]).")
-    moved = layer(x[..., perm, :])
-    expected = _gap(moved, layer(x)[..., perm, :])
-    tolerance = 1e-6 + 1e-4 * expected
-    if abs(got - expected) <= tolerance:
+    expected = _gap_variant(layer, x, perm)
+    if abs(got - expected) <= 1e-6 + 1e-4 * expected:
         return expected
-    inverse = torch.argsort(perm)
-    candidates = [
-        (
-            _gap(moved, layer(x)),
-            "compares layer(permuted x) with layer(x) itself: that tests invariance, and "
-            "self-attention is not invariant, since its output rows move with the tokens. "
-            "Permute layer(x) too: layer(x)[..., perm, :].",
-        ),
-        (
-            _gap(moved, layer(x)[..., inverse, :]),
-            "applies the inverse permutation on one side: reorder the input and the output "
-            "the same way, layer(x[..., perm, :]) against layer(x)[..., perm, :].",
-        ),
-        (
-            _gap(layer(x[..., inverse, :]), layer(x)[..., perm, :]),
-            "applies the inverse permutation on one side: reorder the input and the output "
-            "the same way, layer(x[..., perm, :]) against layer(x)[..., perm, :].",
-        ),
-        (
-            (moved - layer(x)[..., perm, :]).max().item(),
-            "returns the largest signed difference: take the absolute value first "
-            "(.abs().max()), since the outputs can differ in either direction.",
-        ),
-        (
-            (moved - layer(x)[..., perm, :]).abs().mean().item(),
-            "returns the mean absolute difference: the task asks for the largest, .max().",
-        ),
-    ]
-    for value, message in candidates:
-        if abs(value - expected) > tolerance and abs(got - value) <= 1e-6 + 1e-4 * abs(value):
-            fail(f"On {label}, your permutation_gap {message}")
-    fail(
-        f"On {label}, your permutation_gap returned {got:.4g}; the largest absolute difference "
-        f"between layer(x[..., perm, :]) and layer(x)[..., perm, :] is {expected:.4g}."
-    )
+    name_mistake(got, _GAP, layer, x, perm, prefix=f"On {label}, your permutation_gap ")
+    fail(f"On {label}, your permutation_gap returned {got:.4g}; the largest absolute difference "
+         f"between layer(x[..., perm, :]) and layer(x)[..., perm, :] is {expected:.4g}.")
 
 
-@exercise("1.3", "Positions break permutation-equivariance")
+@exercise("1.3", "Positions break permutation-equivariance",
+          mistakes={"permutation_gap": _GAP, "add_positions": _ADD})
 def check_positions(permutation_gap, add_positions):
     example = "check_positions(permutation_gap, add_positions)"
     expect_callable(permutation_gap, "your permutation_gap function first", example)
     expect_callable(add_positions, "your add_positions function second", example)
     generator = torch.Generator().manual_seed(15)
-
     # add_positions: (batch, L, d_model, rows in the table, dtype)
     for batch, length, d_model, max_length, dtype in [
         ((2,), 5, 6, 9, torch.float32),
@@ -572,42 +605,33 @@ def check_positions(permutation_gap, add_positions):
         ((3,), 6, 7, 10, torch.float64),
     ]:
         _check_add_positions(add_positions, batch, length, d_model, max_length, dtype, generator)
-
     # permutation_gap: a rotation (not its own inverse) on layers with a known gap.
     d_model, length = 6, 5
-    w_q, w_k, w_v = (_weight(d_model, d_model, generator) for _ in range(3))
-    attend = _self_attention_layer(w_q, w_k, w_v)
+    attend = _self_attention_layer(*(_weight(d_model, d_model, generator) for _ in range(3)))
     table = _random(8, d_model, generator=generator)
     x = _random(2, length, d_model, generator=generator)
     perm = torch.roll(torch.arange(length), 2)  # [3, 4, 0, 1, 2]
     plain = _check_gap(permutation_gap, attend, x, perm, "plain self-attention")
-    positioned = _check_gap(
-        permutation_gap,
-        lambda x: attend(x + table[: x.shape[-2]]),
-        x,
-        perm,
-        "self-attention with positions added",
-    )
+    positioned = _check_gap(permutation_gap, lambda x: attend(x + table[: x.shape[-2]]), x, perm,
+                            "self-attention with positions added")
     # the signed differences of these two are opposite: one of them tells max from abs max
     _check_gap(permutation_gap, lambda x: x.flip(-2), x, perm, "a layer that reverses the tokens")
     _check_gap(permutation_gap, lambda x: -x.flip(-2), x, perm, "a layer that reverses and negates")
     assert plain < 1e-9 < 1e-3 < positioned  # the check's own layers behave as described
+    # x of any leading dims: (L, d) and (2, 3, L, d), the token axis is always -2
+    for shape in [(length, d_model), (2, 3, length, d_model)]:
+        _check_gap(permutation_gap, lambda x: attend(x + table[: x.shape[-2]]),
+                   _random(*shape, generator=generator), perm,
+                   f"self-attention with positions added, x of shape {fmt(shape)}")
+    _check_together(permutation_gap, add_positions, attend, table, x, perm, positioned)
 
-    # Both functions together: positions added by the student's code break the symmetry.
-    what = "permutation_gap"
-    gap = _as_number(
-        call(
-            permutation_gap,
-            lambda x: attend(add_positions(x, table)),
-            x,
-            perm,
-            what="permutation_gap on self-attention after your add_positions",
-        ),
-        what,
-    )
+
+def _check_together(permutation_gap, add_positions, attend, table, x, perm, positioned):
+    """Both functions together: positions added by the student's code break the symmetry."""
+    gap = _as_number(call(permutation_gap, lambda x: attend(add_positions(x, table)), x, perm,
+                          what="permutation_gap on self-attention after your add_positions"),
+                     "permutation_gap")
     if abs(gap - positioned) > 1e-6 + 1e-4 * positioned:
-        fail(
-            "Each function passed on its own, but permutation_gap(layer, x, perm) with "
-            "layer(x) = attention(add_positions(x, table)) gives another gap than expected: "
-            "does add_positions depend on anything but x.shape[-2] and the table?"
-        )
+        fail("Each function passed on its own, but permutation_gap(layer, x, perm) with "
+             "layer(x) = attention(add_positions(x, table)) gives another gap than expected: "
+             "does add_positions depend on anything but x.shape[-2] and the table?")

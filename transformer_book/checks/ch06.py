@@ -2,41 +2,43 @@
 
 Every check compares the student's code with PyTorch's own implementation
 (``F.layer_norm``, ``nn.BatchNorm1d``, ``nn.RMSNorm``) on several shapes, dtypes and edge
-cases. When the two differ, the check first computes what each usual mistake would have
-produced (the wrong axis, the unbiased variance, eps outside the square root, ...) and,
-if the student's result matches one of them, names that mistake.
+cases. When the two differ, the check tries the table of usual mistakes in order (the
+wrong axis, the unbiased variance, eps outside the square root, ...), each a wrong
+function or class with the student's signature, and names the one the student's result
+matches.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._core import (
+    Caught,
+    Mistake,
     call,
-    diagnose,
     exercise,
     expect_callable,
     expect_class,
     expect_close,
+    expect_dtype,
     expect_shape,
     expect_unchanged,
     fail,
     forbidden,
+    name_mistake,
+    randn,
     same,
 )
 
+_randn = randn
+
 # --------------------------------------------------------------------------- shared helpers
-
-
-def _randn(*shape, seed: int, scale=1.0, shift=0.0, dtype=torch.float32) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=generator, dtype=torch.float64)
-    return (x * torch.as_tensor(scale, dtype=torch.float64) + torch.as_tensor(shift, dtype=torch.float64)).to(dtype)
 
 
 def _normalize(x, dims, eps, correction=0, eps_outside=False, center=True):
@@ -102,6 +104,15 @@ def _compare_grads(mine, theirs, names, what: str) -> None:
             )
 
 
+def _float32_only(y, expected, in_float32) -> None:
+    """A float64 result that is right only to float32 precision: named."""
+    if not same(y, expected, atol=1e-10, rtol=1e-8) and same(y, in_float32, atol=1e-6, rtol=1e-5):
+        fail("for a float64 input your output has only float32 precision (it differs from the "
+             f"float64 result by {(y - expected).abs().max().item():.1e}): part of it is "
+             "computed in float32 (x.float(), a float32 constant or tensor). Compute in the "
+             "input's dtype.")
+
+
 # --------------------------------------------------------------------------- exercise 6.1
 
 _LAYER_NORM_BUILTINS = [(F, "layer_norm"), (torch, "layer_norm"), (torch, "native_layer_norm"), (nn.LayerNorm, "forward")]
@@ -109,6 +120,107 @@ _LAYER_NORM_BUILTINS = [(F, "layer_norm"), (torch, "layer_norm"), (torch, "nativ
 
 def _reference_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return F.layer_norm(x, tuple(normalized_shape), weight, bias, eps)
+
+
+def _ln_variant(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, dims=None,
+                correction=0, eps_outside=False, affine="w x + b", fixed_eps=None):
+    """layer_norm with one option per mistake (the defaults give the right answer)."""
+    k = len(normalized_shape)
+    dims = {None: tuple(range(x.dim() - k, x.dim())), "batch": (0,), "second last": (x.dim() - 2,),
+            "all": tuple(range(x.dim())), "last": (-1,)}.get(dims, dims)
+    x_hat = _normalize(x, dims, eps if fixed_eps is None else fixed_eps, correction, eps_outside)
+    w = weight.double() if weight is not None else 1.0
+    b = bias.double() if bias is not None else 0.0
+    return {"w x + b": lambda: x_hat * w + b, "none": lambda: x_hat, "no bias": lambda: x_hat * w,
+            "no weight": lambda: x_hat + b, "(x + b) w": lambda: (x_hat + b) * w,
+            "swapped": lambda: x_hat * b + w if weight is not None and bias is not None
+            else x_hat * w + b}[affine]()
+
+
+def _one_axis(x, normalized_shape, *_):
+    return len(normalized_shape) == 1 and x.dim() >= 2
+
+
+def _affine_given(x, normalized_shape, weight=None, bias=None, *_):
+    return weight is not None or bias is not None
+
+
+_STATS_AXIS = ("your statistics are taken over {}, not over the normalized dimension: LayerNorm "
+               "takes the mean and variance of each token's own features, the last "
+               "len(normalized_shape) dims.")
+_LAYER_NORM = [
+    Mistake(lambda x, shape, *_: f"your output is the right one times sqrt((d-1)/d) (= "
+            f"{math.sqrt((math.prod(shape) - 1) / math.prod(shape)):.3f} for d = "
+            f"{math.prod(shape)}): you used the unbiased variance, divided by d - 1 (torch.var's "
+            "default). LayerNorm divides by d: use x.var(..., correction=0) or the mean of the "
+            "squared deviations.", partial(_ln_variant, correction=1),
+            expect=r"unbiased variance, divided by d - 1"),
+    Mistake("your output is right for ordinary tokens but wrong for a token whose features "
+            "barely vary: eps is added to the standard deviation, (x - mean) / (std + eps). It "
+            "belongs inside the square root: (x - mean) / sqrt(var + eps).",
+            partial(_ln_variant, eps_outside=True)),
+    Mistake(_STATS_AXIS.format("dim 0 (across the batch, as BatchNorm does)"),
+            partial(_ln_variant, dims="batch"), when=_one_axis),
+    Mistake(lambda x, *_: _STATS_AXIS.format(f"dim {x.dim() - 2}"),
+            partial(_ln_variant, dims="second last"), when=_one_axis,
+            expect="your statistics are taken over dim 1, not"),
+    Mistake("your mean and variance are taken over the whole tensor, not separately for every "
+            "token: reduce over the last len(normalized_shape) dims only, with keepdim=True.",
+            partial(_ln_variant, dims="all"), when=_one_axis),
+    Mistake(lambda x, shape, *_: "you normalized over the last dimension only, but "
+            f"normalized_shape = {tuple(shape)} names the last {len(shape)} dimensions: one mean "
+            f"and one variance per group of {math.prod(shape)} values (reduce over "
+            f"dim=tuple(range(-{len(shape)}, 0))).", partial(_ln_variant, dims="last"),
+            when=lambda x, shape, *_: len(shape) >= 2,
+            expect="normalized over the last dimension only"),
+    Mistake("your output ignores weight and bias: multiply by weight (gamma) and add bias "
+            "(beta) after normalizing.", partial(_ln_variant, affine="none"), when=_affine_given),
+    Mistake("your output ignores bias: add it (beta) after scaling by weight.",
+            partial(_ln_variant, affine="no bias"), when=_affine_given),
+    Mistake("your output ignores weight: multiply the normalized x by it (gamma) before adding "
+            "bias.", partial(_ln_variant, affine="no weight"), when=_affine_given),
+    Mistake("you added bias before multiplying by weight: y = weight * x_hat + bias, in that "
+            "order.", partial(_ln_variant, affine="(x + b) w"), when=_affine_given),
+    Mistake("weight and bias are swapped: y = weight * x_hat + bias.",
+            partial(_ln_variant, affine="swapped"),
+            when=lambda x, shape, weight=None, bias=None, *_: weight is not None and bias is not None),
+]
+
+
+def _affine(y, weight, bias):
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+def _ln_in_place(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    var = x.var(dim=dims, keepdim=True, correction=0)
+    x -= x.mean(dim=dims, keepdim=True)
+    return _affine(x / torch.sqrt(var + eps), weight, bias)
+
+
+def _ln_detached(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dim=dims, keepdim=True).detach()
+    var = x.var(dim=dims, keepdim=True, correction=0).detach()
+    return _affine((x - mean) / torch.sqrt(var + eps), weight, bias)
+
+
+_EPS = [Mistake("with eps=1e-2 your output is the one for eps=1e-5: the eps argument is "
+                "ignored.", partial(_ln_variant, fixed_eps=1e-5))]
+_LAYER_NORM_CAUGHT = [
+    Caught(lambda x, shape, weight=None, bias=None, eps=1e-5: _ln_variant(
+        x, shape, weight, bias, eps, dims=tuple(range(1, x.dim()))),
+           r"taken over dims \(1, 2\) of a 3-D input.*names the last 1, dims \(2,\)"),
+    Caught(lambda x, shape, weight=None, bias=None, eps=1e-5: _ln_variant(
+        x.float(), shape, weight, bias, eps).to(x.dtype),
+        "float64 input your output has only float32 precision"),
+    Caught(partial(_ln_variant, fixed_eps=0.0), r"NaN .* is eps missing"),
+    Caught(lambda x, shape, weight=None, bias=None, eps=1e-5: F.layer_norm(x, shape, weight, bias, eps),
+           "calls PyTorch's layer norm"),
+    Caught(_ln_in_place, "changed its input `x` in place"),
+    Caught(_ln_detached, "gradient with respect to x does not"),
+]
 
 
 def _call_layer_norm(layer_norm, x, normalized_shape, weight=None, bias=None, eps=None):
@@ -127,152 +239,71 @@ def _call_layer_norm(layer_norm, x, normalized_shape, weight=None, bias=None, ep
     return expect_shape(y, x.shape, f"layer_norm({args}) for x of shape {tuple(x.shape)}")
 
 
-def _layer_norm_mistakes(x, normalized_shape, weight, bias, eps):
-    """(wrong result, message) for the usual mistakes, on input x."""
-    k = len(normalized_shape)
-    dims = tuple(range(x.dim() - k, x.dim()))
-    w = weight.double() if weight is not None else 1.0
-    b = bias.double() if bias is not None else 0.0
-    d = math.prod(normalized_shape)
-
-    def affine(x_hat):
-        return x_hat * w + b
-
-    mistakes = [
-        (
-            affine(_normalize(x, dims, eps, correction=1)),
-            f"your output is the right one times sqrt((d-1)/d) (= {math.sqrt((d - 1) / d):.3f} for "
-            f"d = {d}): you used the unbiased variance, divided by d - 1 (torch.var's default). "
-            "LayerNorm divides by d: use x.var(..., correction=0) or the mean of the squared "
-            "deviations.",
-        ),
-        (
-            affine(_normalize(x, dims, eps, eps_outside=True)),
-            "your output is right for ordinary tokens but wrong for a token whose features "
-            "barely vary: eps is added to the standard deviation, (x - mean) / (std + eps). It "
-            "belongs inside the square root: (x - mean) / sqrt(var + eps).",
-        ),
-    ]
-    if k == 1 and x.dim() >= 2:
-        for axis, name in [(0, "dim 0 (across the batch, as BatchNorm does)"), (x.dim() - 2, f"dim {x.dim() - 2}")]:
-            mistakes.append(
-                (
-                    affine(_normalize(x, (axis,), eps)),
-                    f"your statistics are taken over {name}, not over the normalized "
-                    "dimension: LayerNorm takes the mean and variance of each token's own "
-                    "features, the last len(normalized_shape) dims.",
-                )
-            )
-        mistakes.append(
-            (
-                affine(_normalize(x, tuple(range(x.dim())), eps)),
-                "your mean and variance are taken over the whole tensor, not separately for "
-                "every token: reduce over the last len(normalized_shape) dims only, with "
-                "keepdim=True.",
-            )
-        )
-    if k >= 2:
-        mistakes.append(
-            (
-                affine(_normalize(x, (-1,), eps)),
-                f"you normalized over the last dimension only, but normalized_shape = "
-                f"{tuple(normalized_shape)} names the last {k} dimensions: one mean and one "
-                f"variance per group of {d} values (reduce over dim=tuple(range(-{k}, 0))).",
-            )
-        )
-    # any other set of axes: name the ones used and the ones LayerNorm needs
+def _name_axes(y, x, shape, weight, bias, eps) -> None:
+    """Probe: statistics over any other set of axes, named with the ones LayerNorm needs."""
+    k, dims = len(shape), tuple(range(x.dim() - len(shape), x.dim()))
     for r in range(1, x.dim() + 1):
         for axes in itertools.combinations(range(x.dim()), r):
-            if axes == dims:
-                continue
-            mistakes.append(
-                (
-                    affine(_normalize(x, axes, eps)),
-                    f"your mean and variance are taken over dims {axes} of a "
-                    f"{x.dim()}-D input, but normalized_shape = {tuple(normalized_shape)} names "
-                    f"the last {k}, dims {dims}: LayerNorm reduces over exactly those, "
-                    f"dim=tuple(range(-{k}, 0)), separately for every index of the others.",
-                )
-            )
-    if weight is not None or bias is not None:
-        x_hat = _normalize(x, dims, eps)
-        mistakes += [
-            (x_hat, "your output ignores weight and bias: multiply by weight (gamma) and add bias (beta) after normalizing."),
-            (x_hat * w, "your output ignores bias: add it (beta) after scaling by weight."),
-            (x_hat + b, "your output ignores weight: multiply the normalized x by it (gamma) before adding bias."),
-            ((x_hat + b) * w, "you added bias before multiplying by weight: y = weight * x_hat + bias, in that order."),
-        ]
-        if weight is not None and bias is not None:
-            mistakes.append((x_hat * b + w, "weight and bias are swapped: y = weight * x_hat + bias."))
-    return mistakes
+            if axes != dims and same(y, _ln_variant(x, shape, weight, bias, eps, dims=axes)):
+                fail(f"your mean and variance are taken over dims {axes} of a {x.dim()}-D input, "
+                     f"but normalized_shape = {tuple(shape)} names the last {k}, dims {dims}: "
+                     f"LayerNorm reduces over exactly those, dim=tuple(range(-{k}, 0)), "
+                     "separately for every index of the others.")
 
 
-@exercise("6.1", "Layer norm over several trailing dimensions")
+def _layer_norm_case(layer_norm, what, x, shape, weight, bias) -> None:
+    y = _call_layer_norm(layer_norm, x, shape, weight, bias)
+    expected = _reference_layer_norm(x, shape, weight, bias)
+    if same(y, expected):
+        return
+    if torch.isnan(y).any():
+        if math.prod(shape) == 1:
+            fail(f"NaN on {what}: with a single feature, the unbiased variance divides 0 by "
+                 "d - 1 = 0. LayerNorm uses the biased variance (divide by d), which is 0 "
+                 "here, and the output is just bias.")
+        fail(f"NaN on {what}, which holds a token whose features are all equal (variance 0): "
+             "is eps missing? (x - mean) / sqrt(var + eps) stays finite when var = 0.")
+    name_mistake(y, _LAYER_NORM[:6], x, shape, weight, bias, 1e-5)
+    _name_axes(y, x, shape, weight, bias, 1e-5)
+    name_mistake(y, _LAYER_NORM[6:], x, shape, weight, bias, 1e-5)
+    expect_close(y, expected, f"layer_norm differs from F.layer_norm on {what}")
+
+
+@exercise("6.1", "Layer norm over several trailing dimensions",
+          mistakes={"layer_norm": _LAYER_NORM + _EPS + _LAYER_NORM_CAUGHT})
 def check_layer_norm(layer_norm):
     """Compare ``layer_norm(x, normalized_shape, weight, bias, eps)`` with ``F.layer_norm``."""
     expect_callable(layer_norm, "your layer_norm function", "check_layer_norm(layer_norm)")
-
-    # (x, normalized_shape, weight, bias, eps) cases; row 1 of the first is nearly constant
+    # (x, normalized_shape, weight, bias) cases; row 1 of the first is nearly constant
     quiet = _randn(2, 3, 5, seed=0, scale=2.0, shift=1.0)
     quiet[0, 1] = quiet[0, 1] * 1e-3  # a token whose features barely vary
     quiet[1, 2] = 3.0  # a constant token: variance exactly 0
-    d6 = (6,)
     cases = [
-        ("a (2, 3, 5) input", quiet, (5,), None, None, None),
+        ("a (2, 3, 5) input", quiet, (5,), None, None),
         ("a (4, 7, 6) input with weight and bias", _randn(4, 7, 6, seed=1, scale=3.0, shift=-2.0),
-         d6, _randn(6, seed=2), _randn(6, seed=3), None),
+         (6,), _randn(6, seed=2), _randn(6, seed=3)),
         ("a (2, 3, 4, 5) input with normalized_shape (4, 5)", _randn(2, 3, 4, 5, seed=4, scale=2.0),
-         (4, 5), _randn(4, 5, seed=5), _randn(4, 5, seed=6), None),
-        ("a (5, 33) input", _randn(5, 33, seed=7, shift=5.0), (33,), None, None, None),
-        ("a single token of one feature, (3, 1)", _randn(3, 1, seed=8), (1,), None, _randn(1, seed=9), None),
+         (4, 5), _randn(4, 5, seed=5), _randn(4, 5, seed=6)),
+        ("a (5, 33) input", _randn(5, 33, seed=7, shift=5.0), (33,), None, None),
+        ("a single token of one feature, (3, 1)", _randn(3, 1, seed=8), (1,), None, _randn(1, seed=9)),
     ]
-    for what, x, shape, weight, bias, eps in cases:
-        y = _call_layer_norm(layer_norm, x, shape, weight, bias, eps)
-        expected = _reference_layer_norm(x, shape, weight, bias)
-        if same(y, expected):
-            continue
-        if torch.isnan(y).any():
-            if math.prod(shape) == 1:
-                fail(
-                    f"NaN on {what}: with a single feature, the unbiased variance divides 0 by "
-                    "d - 1 = 0. LayerNorm uses the biased variance (divide by d), which is 0 "
-                    "here, and the output is just bias."
-                )
-            fail(
-                f"NaN on {what}, which holds a token whose features are all equal (variance 0): "
-                "is eps missing? (x - mean) / sqrt(var + eps) stays finite when var = 0."
-            )
-        diagnose(y, _layer_norm_mistakes(x, shape, weight, bias, 1e-5))
-        expect_close(y, expected, f"layer_norm differs from F.layer_norm on {what}")
-
+    for case in cases:
+        _layer_norm_case(layer_norm, *case)
     # the eps argument is used
     x = _randn(3, 8, seed=10, scale=0.05)  # variance 0.0025: eps = 1e-2 matters
     y = _call_layer_norm(layer_norm, x, (8,), eps=1e-2)
     expected = _reference_layer_norm(x, (8,), eps=1e-2)
     if not same(y, expected):
-        diagnose(
-            y,
-            [(_reference_layer_norm(x, (8,)), "with eps=1e-2 your output is the one for eps=1e-5: the eps argument is ignored.")],
-        )
+        name_mistake(y, _EPS, x, (8,), None, None, 1e-2)
         expect_close(y, expected, "layer_norm(x, (8,), eps=1e-2) differs from F.layer_norm")
-
     # float64 stays float64 and precise
     x = _randn(2, 4, 10, seed=11, dtype=torch.float64)
     y = _call_layer_norm(layer_norm, x, (10,))
-    if y.dtype != torch.float64:
-        fail(f"for a float64 input your output is {y.dtype}: keep the input's dtype (no .float()).")
+    expect_dtype(y, torch.float64, f"for a float64 input your output is {y.dtype}: keep the "
+                 "input's dtype (no .float()).")
     expected = _reference_layer_norm(x, (10,))
-    if not same(y, expected, atol=1e-10, rtol=1e-8) and same(
-        y, _reference_layer_norm(x.float(), (10,)).double(), atol=1e-6, rtol=1e-5
-    ):
-        fail(
-            "for a float64 input your output has only float32 precision (it differs from the "
-            f"float64 result by {(y - expected).abs().max().item():.1e}): part of it is "
-            "computed in float32 (x.float(), a float32 constant or tensor). Compute in the "
-            "input's dtype."
-        )
+    _float32_only(y, expected, _reference_layer_norm(x.float(), (10,)).double())
     expect_close(y, expected, "layer_norm differs from F.layer_norm in float64", atol=1e-10, rtol=1e-8)
-
     # gradients with respect to x, weight and bias
     x = _randn(3, 5, 6, seed=12, scale=2.0).requires_grad_()
     weight = _randn(6, seed=13).requires_grad_()
@@ -307,6 +338,242 @@ def _bn_apply(x, mean, var, weight, bias, eps):
     ) + _bn_view(bias.double(), x)
 
 
+class _BatchNorm(nn.Module):
+    """A right BatchNorm1d whose pieces the wrong ones below change one at a time."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def batch_stats(self, x):
+        return x.mean(dim=_bn_dims(x)), x.var(dim=_bn_dims(x), correction=0)
+
+    def update(self, mean, var, n, m_new=None, m_var=None):
+        """running = (1 - m) * running + m * batch; running_var with the unbiased variance."""
+        m = self.momentum if m_new is None else m_new
+        with torch.no_grad():
+            self.running_mean.mul_(1 - m).add_(m * mean)
+            m = m if m_var is None else m_var
+            self.running_var.mul_(1 - m).add_(m * var * n / (n - 1))
+
+    def normalize(self, x, mean, var):
+        s = (1, -1) if x.dim() == 2 else (1, -1, 1)
+        x_hat = (x - mean.view(s)) / torch.sqrt(var.view(s) + self.eps)
+        return x_hat * self.weight.view(s) + self.bias.view(s)
+
+    def forward(self, x):
+        if not self.training:
+            return self.normalize(x, self.running_mean, self.running_var)
+        mean, var = self.batch_stats(x)
+        self.update(mean, var, x.numel() // x.size(1))
+        return self.normalize(x, mean, var)
+
+
+def _bn(**methods):
+    return type("BatchNorm1d", (_BatchNorm,), methods)
+
+
+def _bn_train(normalize):
+    """A BatchNorm1d whose training-mode output is ``normalize(self, x)`` (updates kept)."""
+
+    def forward(self, x):
+        if not self.training:
+            return _BatchNorm.forward(self, x)
+        out = normalize(self, x)
+        self.update(*self.batch_stats(x), x.numel() // x.size(1))
+        return out
+
+    return _bn(forward=forward)
+
+
+def _per_position(self, x):
+    if x.dim() == 2:
+        return self.normalize(x, *self.batch_stats(x))
+    mean, var = x.mean(dim=0), x.var(dim=0, correction=0)  # (C, L): per feature and position
+    return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)
+
+
+def _over_features(self, x):
+    mean, var = x.mean(dim=1, keepdim=True), x.var(dim=1, keepdim=True, correction=0)
+    s = (1, -1) if x.dim() == 2 else (1, -1, 1)
+    return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(s) + self.bias.view(s)
+
+
+def _bn_eps(outside: bool):
+    """A BatchNorm1d with eps outside the root, or only where the variance is 0."""
+
+    def normalize(self, x, mean, var):
+        s = (1, -1) if x.dim() == 2 else (1, -1, 1)
+        mean, var = mean.view(s), var.view(s)
+        x_hat = (x - mean) / ((var.sqrt() + self.eps) if outside else torch.sqrt(var + self.eps * (var == 0)))
+        return x_hat * self.weight.view(s) + self.bias.view(s)
+
+    return _bn(normalize=normalize)
+
+
+def _running_symptom(test):
+    return lambda actual, found: bool(test(found))
+
+
+_RUNNING = [  # found: the running statistics next to what each mistake would leave
+    Mistake(" in training mode, running_mean and running_var have not changed: update them in "
+            "every training-mode forward pass, running = (1 - momentum) * running + momentum * "
+            "batch statistic.", _bn(update=lambda self, *a: None),
+            symptom=_running_symptom(lambda f: same(f["mean"], f["old_mean"]) and same(f["var"], f["old_var"]))),
+    Mistake(", running_mean = momentum * running + (1 - momentum) * batch: the momentum "
+            "convention is reversed. In PyTorch momentum is the weight of the NEW batch "
+            "statistic: running = (1 - momentum) * running + momentum * batch.",
+            _bn(update=lambda self, mean, var, n: _BatchNorm.update(self, mean, var, n, 1 - self.momentum)),
+            symptom=_running_symptom(lambda f: same(f["mean"], f["m"] * f["old_mean"] + (1 - f["m"]) * f["batch_mean"]))),
+    Mistake(", running_mean equals the batch mean: it should be a running average, running = "
+            "(1 - momentum) * running + momentum * batch_mean.",
+            _bn(update=lambda self, mean, var, n: _BatchNorm.update(self, mean, var, n, 1.0)),
+            symptom=_running_symptom(lambda f: same(f["mean"], f["batch_mean"]) and not same(f["mean_r"], f["batch_mean"]))),
+    Mistake(", running_var holds a running average of the biased batch variance (divided by n). "
+            "PyTorch normalizes a training batch with the biased variance but stores the "
+            "unbiased one (divided by n - 1) in running_var.",
+            _bn(update=lambda self, mean, var, n: _BatchNorm.update(self, mean, var * (n - 1) / n, n)),
+            symptom=_running_symptom(lambda f: same(f["mean"], f["mean_r"]) and same(
+                f["var"], (1 - f["m"]) * f["old_var"] + f["m"] * f["biased"]))),
+    Mistake(", running_var = momentum * running + (1 - momentum) * batch: the momentum "
+            "convention is reversed (momentum weighs the new batch statistic).",
+            _bn(update=lambda self, mean, var, n: _BatchNorm.update(self, mean, var, n, m_var=1 - self.momentum)),
+            symptom=_running_symptom(lambda f: same(f["mean"], f["mean_r"]) and same(
+                f["var"], f["m"] * f["old_var"] + (1 - f["m"]) * f["unbiased"]))),
+]
+
+
+def _check_running(student, reference, old_mean, old_var, x, momentum, step: str) -> None:
+    mean_s, var_s = student.running_mean, student.running_var
+    if mean_s.requires_grad or var_s.requires_grad:
+        fail(
+            f"after {step}, running_mean or running_var requires grad: the update is recorded by "
+            "autograd. Update them under torch.no_grad() (or from .detach()ed batch statistics)."
+        )
+    mean_r, var_r = reference.running_mean, reference.running_var
+    if same(mean_s, mean_r) and same(var_s, var_r):
+        return
+    xd = x.detach().double()
+    found = dict(mean=mean_s, var=var_s, old_mean=old_mean.double(), old_var=old_var.double(),
+                 batch_mean=xd.mean(dim=_bn_dims(x)), mean_r=mean_r, m=momentum,
+                 biased=xd.var(dim=_bn_dims(x), correction=0),
+                 unbiased=xd.var(dim=_bn_dims(x), correction=1))
+    name_mistake(None, _RUNNING, found, prefix=f"after {step}")
+    expect_close(mean_s, mean_r, f"after {step}, running_mean differs from nn.BatchNorm1d's")
+    expect_close(var_s, var_r, f"after {step}, running_var differs from nn.BatchNorm1d's")
+
+
+_TRAIN = [  # named with the batch's own statistics and the student's running ones
+    Mistake("in training mode your output uses the running statistics. Training mode normalizes "
+            "with the batch's own mean and (biased) variance; the running averages are for eval "
+            "mode (self.training tells you which).",
+            _bn_train(lambda self, x: self.normalize(x, self.running_mean, self.running_var)),
+            symptom=lambda y, f: same(y, _bn_apply(f["x"], *f["running"], f["w"], f["b"], f["eps"]))),
+    Mistake("you normalized with the unbiased batch variance (divided by n - 1). BatchNorm "
+            "normalizes a training batch with the biased variance (divided by n); only "
+            "running_var stores the unbiased one.",
+            _bn_train(lambda self, x: self.normalize(x, x.mean(dim=_bn_dims(x)), x.var(dim=_bn_dims(x)))),
+            symptom=lambda y, f: same(y, _bn_apply(f["x"], f["mean"], f["unbiased"], f["w"], f["b"], f["eps"]))),
+    Mistake("your output ignores weight and bias: y = weight * x_hat + bias, one weight and "
+            "bias per feature.",
+            _bn_train(lambda self, x: (x - _bn_view(self.batch_stats(x)[0], x)) / torch.sqrt(
+                _bn_view(self.batch_stats(x)[1], x) + self.eps)),
+            symptom=lambda y, f: same(y, _bn_apply(f["x"], f["mean"], f["biased"], torch.ones_like(f["w"]),
+                                                   torch.zeros_like(f["b"]), f["eps"]))),
+    Mistake("your statistics are taken over the features (dim 1), separately for each sample: "
+            "that is a layer norm. BatchNorm takes them over the batch (dim 0, and dim 2 for (N, "
+            "C, L) inputs), separately for each feature.", _bn_train(_over_features),
+            symptom=lambda y, f: same(y, _over_features_of(f, 1))),
+    Mistake("for an (N, C, L) input your statistics are per feature AND per position (over dim "
+            "0 only). nn.BatchNorm1d averages over dims 0 and 2 together: one mean and one "
+            "variance per feature.", _bn_train(_per_position),
+            symptom=lambda y, f: f["x"].dim() == 3 and same(y, _over_features_of(f, 0))),
+]
+
+
+def _over_features_of(f, dim: int):
+    xd, eps = f["x"].detach().double(), f["eps"]
+    x_hat = (xd - xd.mean(dim=dim, keepdim=True)) / torch.sqrt(xd.var(dim=dim, keepdim=True, correction=0) + eps)
+    return x_hat * _bn_view(f["w"].double(), xd) + _bn_view(f["b"].double(), xd)
+
+
+def _check_train_output(y, x, student_running, weight, bias, eps, expected, what):
+    if same(y, expected):
+        return
+    xd = x.detach().double()
+    dims = _bn_dims(x)
+    found = dict(x=x.detach(), running=student_running, w=weight.detach(), b=bias.detach(),
+                 eps=eps, mean=xd.mean(dim=dims), biased=xd.var(dim=dims, correction=0),
+                 unbiased=xd.var(dim=dims, correction=1))
+    name_mistake(y, _TRAIN, found, prefix=f"{what}: ")
+    expect_close(y, expected, f"{what}: your output differs from nn.BatchNorm1d's")
+
+
+_EVAL = [
+    Mistake("your output uses the batch's own statistics. After .eval(), BatchNorm normalizes "
+            "with running_mean and running_var (check self.training); that is what makes its "
+            "output independent of the batch.",
+            _bn(forward=lambda self, x: self.normalize(x, *self.batch_stats(x)) if not self.training
+                else _BatchNorm.forward(self, x)),
+            symptom=lambda y, x, w, b, eps: same(y, _bn_apply(
+                x, x.double().mean(dim=_bn_dims(x)), x.double().var(dim=_bn_dims(x), correction=0), w, b, eps))),
+]
+_EPS_BN = [
+    Mistake(" and feature 1 quiet: eps is added to the standard deviation, (x - mean) / "
+            "(sqrt(var) + eps). It belongs inside the root: (x - mean) / sqrt(var + eps).",
+            _bn_eps(outside=True), symptom=lambda y, xd, mean, var: same(y, (xd - mean) / (var.sqrt() + 1e-5))),
+    Mistake(" and feature 1 quiet: eps is used only where the variance is 0. Add it to every "
+            "variance: (x - mean) / sqrt(var + eps).", _bn_eps(outside=False),
+            symptom=lambda y, xd, mean, var: same(y, (xd - mean) / torch.sqrt(var + 1e-5 * (var == 0)))),
+]
+
+
+def _bn_no_eps(self, x, mean, var):
+    s = (1, -1) if x.dim() == 2 else (1, -1, 1)
+    return (x - mean.view(s)) / torch.sqrt(var.view(s)) * self.weight.view(s) + self.bias.view(s)
+
+
+def _bn_updates_in_eval(self, x):
+    if not self.training:
+        self.update(*self.batch_stats(x), max(2, x.numel() // x.size(1)))
+    return _BatchNorm.forward(self, x)
+
+
+def _bn_plain_attributes(self, num_features, eps=1e-5, momentum=0.1):
+    nn.Module.__init__(self)
+    self.eps, self.momentum = eps, momentum
+    self.weight = nn.Parameter(torch.ones(num_features))
+    self.bias = nn.Parameter(torch.zeros(num_features))
+    self.running_mean = torch.zeros(num_features)  # a plain attribute
+    self.running_var = torch.ones(num_features)
+
+
+def _bn_graph_update(self, mean, var, n):
+    m = self.momentum
+    self.running_mean = (1 - m) * self.running_mean + m * mean
+    self.running_var = (1 - m) * self.running_var + m * var * n / (n - 1)
+
+
+_BATCH_NORM_CAUGHT = [
+    Caught(_bn(normalize=_bn_no_eps), r"feature 0 is constant.*NaN.*eps is missing"),
+    Caught(_bn(forward=_bn_updates_in_eval), r"running statistics changed during an eval-mode forward pass"),
+    Caught(_bn(batch_stats=lambda self, x: tuple(t.detach() for t in _BatchNorm.batch_stats(self, x))),
+           r"are the batch mean and variance detached"),
+    Caught(_bn(__init__=_bn_plain_attributes), r"running_mean is not a buffer"),
+    Caught(_bn(update=lambda self, mean, var, n: _BatchNorm.update(self, mean, var, n, 0.1)),
+           r"the momentum argument is ignored"),
+    Caught(type("BatchNorm1d", (nn.BatchNorm1d,), {}), r"subclasses PyTorch's batch norm"),
+    Caught(_bn(update=_bn_graph_update), r"requires grad"),
+    Caught(_bn(forward=lambda self, x: F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                                    self.bias, self.training, self.momentum, self.eps)),
+           r"calls PyTorch's batch norm"),
+]
+
+
 def _call_bn(module, x, what):
     before = x.detach().clone()
     with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
@@ -336,199 +603,92 @@ def _buffer(module, name: str, num_features: int, init: float):
     return value
 
 
-def _check_running(student, reference, old_mean, old_var, x, momentum, step: str) -> None:
-    mean_s, var_s = student.running_mean, student.running_var
-    if mean_s.requires_grad or var_s.requires_grad:
-        fail(
-            f"after {step}, running_mean or running_var requires grad: the update is recorded by "
-            "autograd. Update them under torch.no_grad() (or from .detach()ed batch statistics)."
-        )
-    mean_r, var_r = reference.running_mean, reference.running_var
-    if same(mean_s, mean_r) and same(var_s, var_r):
-        return
-    dims = _bn_dims(x)
-    xd = x.detach().double()
-    batch_mean = xd.mean(dim=dims)
-    unbiased, biased = xd.var(dim=dims, correction=1), xd.var(dim=dims, correction=0)
-    old_mean, old_var = old_mean.double(), old_var.double()
-    m = momentum
-    if same(mean_s, old_mean) and same(var_s, old_var):
-        fail(
-            f"after {step} in training mode, running_mean and running_var have not changed: update "
-            "them in every training-mode forward pass, running = (1 - momentum) * running + "
-            "momentum * batch statistic."
-        )
-    if same(mean_s, m * old_mean + (1 - m) * batch_mean):
-        fail(
-            f"after {step}, running_mean = momentum * running + (1 - momentum) * batch: the momentum "
-            "convention is reversed. In PyTorch momentum is the weight of the NEW batch statistic: "
-            "running = (1 - momentum) * running + momentum * batch."
-        )
-    if same(mean_s, batch_mean) and not same(mean_r, batch_mean):
-        fail(
-            f"after {step}, running_mean equals the batch mean: it should be a running average, "
-            "running = (1 - momentum) * running + momentum * batch_mean."
-        )
-    if same(mean_s, mean_r):
-        if same(var_s, (1 - m) * old_var + m * biased):
-            fail(
-                f"after {step}, running_var holds a running average of the biased batch variance "
-                "(divided by n). PyTorch normalizes a training batch with the biased variance but "
-                "stores the unbiased one (divided by n - 1) in running_var."
-            )
-        if same(var_s, m * old_var + (1 - m) * unbiased):
-            fail(
-                f"after {step}, running_var = momentum * running + (1 - momentum) * batch: the "
-                "momentum convention is reversed (momentum weighs the new batch statistic)."
-            )
-    expect_close(mean_s, mean_r, f"after {step}, running_mean differs from nn.BatchNorm1d's")
-    expect_close(var_s, var_r, f"after {step}, running_var differs from nn.BatchNorm1d's")
+def _bn_train_step(student, reference, weight, bias, x, momentum, eps, what, args, step, stage) -> None:
+    old = (student.running_mean.detach().clone(), student.running_var.detach().clone())
+    y = _call_bn(student, x, what)
+    expected = reference(x)
+    _check_train_output(y, x, old, weight, bias, eps, expected.detach().double(), what)
+    upstream = _randn(*x.shape, seed=90 + step)
+    _expect_graph(y, what)
+    mine = torch.autograd.grad((y * upstream).sum(), (x, weight, bias), allow_unused=True)
+    theirs = torch.autograd.grad((expected * upstream).sum(), (x, reference.weight, reference.bias))
+    if mine[0] is not None and not same(mine[0], theirs[0], atol=1e-4, rtol=1e-3) and same(
+        mine[1], theirs[1], atol=1e-4, rtol=1e-3
+    ):
+        fail(f"{what}: the outputs match but the gradient with respect to x does not: are the "
+             "batch mean and variance detached? In training mode the gradient also flows "
+             "through the batch statistics.")
+    _compare_grads(mine, theirs, ["x", "weight", "bias"], what)
+    if momentum != 0.1 and same(
+        student.running_mean, 0.9 * old[0].double() + 0.1 * x.detach().double().mean(dim=_bn_dims(x))
+    ):
+        fail(f"BatchNorm1d({args}): the running statistics were updated with momentum 0.1: the "
+             "momentum argument is ignored.")
+    _check_running(student, reference, old[0], old[1], x, momentum, stage)
 
 
-def _check_train_output(y, x, student_running, weight, bias, eps, expected, what):
-    if same(y, expected):
-        return
-    dims = _bn_dims(x)
-    xd = x.detach().double()
-    w, b = weight.detach(), bias.detach()
-    mean = xd.mean(dim=dims)
-    running_mean, running_var = student_running
-    mistakes = [
-        (
-            _bn_apply(x, running_mean, running_var, w, b, eps),
-            f"{what}: in training mode your output uses the running statistics. Training mode "
-            "normalizes with the batch's own mean and (biased) variance; the running averages are "
-            "for eval mode (self.training tells you which).",
-        ),
-        (
-            _bn_apply(x, mean, xd.var(dim=dims, correction=1), w, b, eps),
-            f"{what}: you normalized with the unbiased batch variance (divided by n - 1). "
-            "BatchNorm normalizes a training batch with the biased variance (divided by n); only "
-            "running_var stores the unbiased one.",
-        ),
-        (
-            _bn_apply(x, mean, xd.var(dim=dims, correction=0), torch.ones_like(w), torch.zeros_like(b), eps),
-            f"{what}: your output ignores weight and bias: y = weight * x_hat + bias, one weight "
-            "and bias per feature.",
-        ),
-        (
-            (xd - xd.mean(dim=1, keepdim=True)) / torch.sqrt(xd.var(dim=1, keepdim=True, correction=0) + eps)
-            * _bn_view(w.double(), x) + _bn_view(b.double(), x),
-            f"{what}: your statistics are taken over the features (dim 1), separately for each "
-            "sample: that is a layer norm. BatchNorm takes them over the batch (dim 0, and dim 2 "
-            "for (N, C, L) inputs), separately for each feature.",
-        ),
-    ]
-    if x.dim() == 3:
-        mistakes.append(
-            (
-                (xd - xd.mean(dim=0, keepdim=True)) / torch.sqrt(xd.var(dim=0, keepdim=True, correction=0) + eps)
-                * _bn_view(w.double(), x) + _bn_view(b.double(), x),
-                f"{what}: for an (N, C, L) input your statistics are per feature AND per position "
-                "(over dim 0 only). nn.BatchNorm1d averages over dims 0 and 2 together: one mean "
-                "and one variance per feature.",
-            )
-        )
-    diagnose(y, mistakes)
-    expect_close(y, expected, f"{what}: your output differs from nn.BatchNorm1d's")
+def _bn_eval(student, reference, x, new_w, new_b, eps, what, args) -> None:
+    frozen = (student.running_mean.detach().clone(), student.running_var.detach().clone())
+    with torch.no_grad():
+        y = _call_bn(student, x, what)
+        expected = reference(x).double()
+        if not (torch.equal(student.running_mean, frozen[0]) and torch.equal(student.running_var, frozen[1])):
+            fail(f"{what}: the running statistics changed during an eval-mode forward pass: "
+                 "update them only in training mode (if self.training: ...).")
+        if not same(y, expected):
+            name_mistake(y, _EVAL, x, new_w, new_b, eps, prefix=f"{what}: ")
+            expect_close(y, expected, f"{what}: your output differs from nn.BatchNorm1d's")
+        one = x[:1, :, :1] if x.dim() == 3 else x[:1]
+        y_one = _call_bn(student, one, f"BatchNorm1d({args}) in eval mode on a batch of one")
+        expect_close(y_one, reference(one).double(), f"BatchNorm1d({args}) in eval mode on a "
+                     "batch of one sample differs from nn.BatchNorm1d: in eval mode the running "
+                     "statistics are used, so a batch of one is fine")
 
 
-@exercise("6.2", "BatchNorm1d with running statistics")
+def _bn_layout(BatchNorm1d, number, layout, C, kwargs, shapes, momentum, eps) -> None:  # noqa: N803
+    args = ", ".join([str(C)] + [f"{k}={v}" for k, v in kwargs.items()])
+    with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
+        student = call(BatchNorm1d, C, what=f"BatchNorm1d({args})", **kwargs)
+    reference = nn.BatchNorm1d(C, **kwargs)
+    weight = _param(student, "weight", (C,), 1, "BatchNorm1d")
+    bias = _param(student, "bias", (C,), 0, "BatchNorm1d")
+    _buffer(student, "running_mean", C, 0)
+    _buffer(student, "running_var", C, 1)
+    new_w, new_b = _randn(C, seed=20 + number, scale=0.5, shift=1.0), _randn(C, seed=30 + number)
+    for module_w, module_b in ((weight, bias), (reference.weight, reference.bias)):
+        _set_(module_w, new_w)
+        _set_(module_b, new_b)
+    student.train()
+    reference.train()
+    for step, shape in enumerate(shapes):  # two training steps: outputs, gradients, running stats
+        feature_shift = torch.linspace(-3, 3, C).view(1, C, *([1] * (len(shape) - 2)))
+        x = (_randn(*shape, seed=40 + 10 * number + step, scale=2.0) + feature_shift).requires_grad_()
+        what = f"BatchNorm1d({args}) in training mode, step {step + 1}, {layout}"
+        _bn_train_step(student, reference, weight, bias, x, momentum, eps, what, args, step,
+                       f"training step {step + 1} ({layout})")
+    # evaluation mode: running statistics, no update, any batch size
+    student.eval()
+    reference.eval()
+    feature_shift = torch.linspace(-3, 3, C).view(1, C, *([1] * (len(shapes[0]) - 2)))
+    x = _randn(*shapes[0], seed=70 + number, scale=2.0) + feature_shift
+    _bn_eval(student, reference, x, new_w, new_b, eps, f"BatchNorm1d({args}) in eval mode, {layout}", args)
+
+
+@exercise("6.2", "BatchNorm1d with running statistics",
+          mistakes={"BatchNorm1d": _RUNNING + _TRAIN + _EVAL + _EPS_BN + _BATCH_NORM_CAUGHT})
 def check_batch_norm(BatchNorm1d):  # noqa: N803 - the argument is a class
     """Train and eval ``BatchNorm1d(num_features, eps, momentum)`` next to ``nn.BatchNorm1d``."""
     expect_class(BatchNorm1d, nn.Module, "your BatchNorm1d class", "check_batch_norm(BatchNorm1d)")
     if issubclass(BatchNorm1d, getattr(nn.modules.batchnorm, "_NormBase", nn.BatchNorm1d)):
         fail("your BatchNorm1d subclasses PyTorch's batch norm: write it from nn.Module yourself.")
-
     layouts = [
         ("(N, C) input", 5, {}, [(8, 5), (8, 5)], 0.1, 1e-5),
         ("(N, C, L) input", 3, {}, [(4, 3, 7), (2, 3, 5)], 0.1, 1e-5),
         ("(N, C) input with eps=1e-3, momentum=0.3", 4, {"eps": 1e-3, "momentum": 0.3}, [(6, 4), (6, 4)], 0.3, 1e-3),
     ]
     _check_batch_norm_eps(BatchNorm1d)
-    for number, (layout, C, kwargs, shapes, momentum, eps) in enumerate(layouts):
-        args = ", ".join([str(C)] + [f"{k}={v}" for k, v in kwargs.items()])
-        with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
-            student = call(BatchNorm1d, C, what=f"BatchNorm1d({args})", **kwargs)
-        reference = nn.BatchNorm1d(C, **kwargs)
-        weight = _param(student, "weight", (C,), 1, "BatchNorm1d")
-        bias = _param(student, "bias", (C,), 0, "BatchNorm1d")
-        _buffer(student, "running_mean", C, 0)
-        _buffer(student, "running_var", C, 1)
-        new_w, new_b = _randn(C, seed=20 + number, scale=0.5, shift=1.0), _randn(C, seed=30 + number)
-        for module_w, module_b in ((weight, bias), (reference.weight, reference.bias)):
-            _set_(module_w, new_w)
-            _set_(module_b, new_b)
-        student.train()
-        reference.train()
-
-        # two training steps: outputs, gradients, running statistics
-        for step, shape in enumerate(shapes):
-            feature_shift = torch.linspace(-3, 3, C).view(1, C, *([1] * (len(shape) - 2)))
-            x = (_randn(*shape, seed=40 + 10 * number + step, scale=2.0) + feature_shift).requires_grad_()
-            old = (student.running_mean.detach().clone(), student.running_var.detach().clone())
-            what = f"BatchNorm1d({args}) in training mode, step {step + 1}, {layout}"
-            y = _call_bn(student, x, what)
-            expected = reference(x)
-            _check_train_output(y, x, old, weight, bias, eps, expected.detach().double(), what)
-            upstream = _randn(*shape, seed=90 + step)
-            _expect_graph(y, what)
-            mine = torch.autograd.grad((y * upstream).sum(), (x, weight, bias), allow_unused=True)
-            theirs = torch.autograd.grad((expected * upstream).sum(), (x, reference.weight, reference.bias))
-            if mine[0] is not None and not same(mine[0], theirs[0], atol=1e-4, rtol=1e-3) and same(
-                mine[1], theirs[1], atol=1e-4, rtol=1e-3
-            ):
-                fail(
-                    f"{what}: the outputs match but the gradient with respect to x does not: are "
-                    "the batch mean and variance detached? In training mode the gradient also "
-                    "flows through the batch statistics."
-                )
-            _compare_grads(mine, theirs, ["x", "weight", "bias"], what)
-            if momentum != 0.1 and same(
-                student.running_mean, 0.9 * old[0].double() + 0.1 * x.detach().double().mean(dim=_bn_dims(x))
-            ):
-                fail(f"BatchNorm1d({args}): the running statistics were updated with momentum 0.1: the momentum argument is ignored.")
-            _check_running(student, reference, old[0], old[1], x, momentum, f"training step {step + 1} ({layout})")
-
-        # evaluation mode: running statistics, no update, any batch size
-        student.eval()
-        reference.eval()
-        shape = shapes[0]
-        feature_shift = torch.linspace(-3, 3, C).view(1, C, *([1] * (len(shape) - 2)))
-        x = _randn(*shape, seed=70 + number, scale=2.0) + feature_shift
-        frozen = (student.running_mean.detach().clone(), student.running_var.detach().clone())
-        what = f"BatchNorm1d({args}) in eval mode, {layout}"
-        with torch.no_grad():
-            y = _call_bn(student, x, what)
-            expected = reference(x).double()
-            if not (torch.equal(student.running_mean, frozen[0]) and torch.equal(student.running_var, frozen[1])):
-                fail(
-                    f"{what}: the running statistics changed during an eval-mode forward pass: "
-                    "update them only in training mode (if self.training: ...)."
-                )
-            if not same(y, expected):
-                batch_stats = _bn_apply(
-                    x, x.double().mean(dim=_bn_dims(x)), x.double().var(dim=_bn_dims(x), correction=0), new_w, new_b, eps
-                )
-                diagnose(
-                    y,
-                    [(
-                        batch_stats,
-                        f"{what}: your output uses the batch's own statistics. After .eval(), "
-                        "BatchNorm normalizes with running_mean and running_var (check "
-                        "self.training); that is what makes its output independent of the batch.",
-                    )],
-                )
-                expect_close(y, expected, f"{what}: your output differs from nn.BatchNorm1d's")
-            one = x[:1, :, :1] if x.dim() == 3 else x[:1]
-            y_one = _call_bn(student, one, f"BatchNorm1d({args}) in eval mode on a batch of one")
-            expect_close(
-                y_one,
-                reference(one).double(),
-                f"BatchNorm1d({args}) in eval mode on a batch of one sample differs from "
-                "nn.BatchNorm1d: in eval mode the running statistics are used, so a batch of one is fine",
-            )
-
+    for number, layout in enumerate(layouts):
+        _bn_layout(BatchNorm1d, number, *layout)
 
 
 def _check_batch_norm_eps(BatchNorm1d) -> None:  # noqa: N803 - the argument is a class
@@ -549,31 +709,12 @@ def _check_batch_norm_eps(BatchNorm1d) -> None:  # noqa: N803 - the argument is 
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         return  # the main checks below say what is wrong
     if not torch.isfinite(y[:, 0]).all():
-        fail(
-            f"{what}: your output is NaN (or inf) at that feature. Its variance is 0, so "
-            "(x - mean) / sqrt(var) is 0/0: eps is missing. Normalize with "
-            "(x - mean) / sqrt(var + eps), eps inside the square root."
-        )
-    if same(y, expected):
-        return
-    xd = x.double()
-    mean, var = xd.mean(dim=0), xd.var(dim=0, correction=0)
-    diagnose(
-        y,
-        [
-            (
-                (xd - mean) / (var.sqrt() + 1e-5),
-                f"{what} and feature 1 quiet: eps is added to the standard deviation, "
-                "(x - mean) / (sqrt(var) + eps). It belongs inside the root: "
-                "(x - mean) / sqrt(var + eps).",
-            ),
-            (
-                (xd - mean) / torch.sqrt(var + 1e-5 * (var > 0)),
-                f"{what} and feature 1 quiet: eps is used only where the variance is 0. "
-                "Add it to every variance: (x - mean) / sqrt(var + eps).",
-            ),
-        ],
-    )
+        fail(f"{what}: your output is NaN (or inf) at that feature. Its variance is 0, so "
+             "(x - mean) / sqrt(var) is 0/0: eps is missing. Normalize with "
+             "(x - mean) / sqrt(var + eps), eps inside the square root.")
+    if not same(y, expected):
+        xd = x.double()
+        name_mistake(y, _EPS_BN, xd, xd.mean(dim=0), xd.var(dim=0, correction=0), prefix=what)
 
 
 # --------------------------------------------------------------------------- exercise 6.3
@@ -587,103 +728,110 @@ def _reference_rms_norm(x, weight, eps):
     return x / torch.sqrt((x**2).mean(dim=-1, keepdim=True) + eps) * weight  # torch without RMSNorm
 
 
-@exercise("6.3", "RMSNorm")
-def check_rms_norm(RMSNorm):  # noqa: N803 - the argument is a class
-    """Compare ``RMSNorm(normalized_shape, eps)`` with ``torch.nn.RMSNorm`` (or its formula)."""
-    expect_class(RMSNorm, nn.Module, "your RMSNorm class", "check_rms_norm(RMSNorm)")
-    if hasattr(nn, "RMSNorm") and issubclass(RMSNorm, nn.RMSNorm):
-        fail("your RMSNorm subclasses torch.nn.RMSNorm: write it from nn.Module yourself.")
-    message = "your RMSNorm calls PyTorch's rms_norm: write the formula yourself (mean of squares, sqrt)."
+class _RMSNorm(nn.Module):
+    """A right RMSNorm; ``_rms(...)`` changes its formula, one mistake at a time."""
 
-    quiet = _randn(2, 3, 8, seed=50, scale=2.0, shift=1.0)
-    quiet[0, 1] *= 1e-4  # a token of tiny magnitude: where eps matters
-    quiet[1, 0] = 0.0  # an all-zero token
-    cases = [
-        ("a (2, 3, 8) input", quiet, 8, 1e-6),
-        ("a (5, 33) input", _randn(5, 33, seed=51, scale=3.0), 33, 1e-6),
-        ("a (4, 1) input (one feature)", _randn(4, 1, seed=52), 1, 1e-6),
-        ("a (3, 6) input with eps=1e-2", _randn(3, 6, seed=53, scale=0.05), 6, 1e-2),
-    ]
-    for what, x, d, eps in cases:
-        with forbidden(_RMS_NORM_BUILTINS, message):
-            norm = call(RMSNorm, d, eps=eps, what=f"RMSNorm({d}, eps={eps})")
-        weight = _param(norm, "weight", (d,), 1, "RMSNorm")
-        w = _randn(d, seed=60 + d, scale=0.5, shift=1.0)
-        _set_(weight, w)
-        before = x.clone()
-        with torch.no_grad(), forbidden(_RMS_NORM_BUILTINS, message):
-            y = call(norm, x, what=f"RMSNorm({d}, eps={eps})(x)")
-        expect_unchanged(before, x, "x")
-        y = expect_shape(y, x.shape, f"RMSNorm({d}) on {what}")
-        expected = _reference_rms_norm(x.double(), w.double(), eps)
-        if same(y, expected):
-            continue
-        if torch.isnan(y).any():
-            fail(
-                f"NaN on {what}, which holds an all-zero token: is eps missing? "
-                "x / sqrt(mean(x**2) + eps) stays finite when x = 0."
-            )
-        xd, wd = x.double(), w.double()
-        ms = (xd**2).mean(dim=-1, keepdim=True)
-        diagnose(
-            y,
-            [
-                (
-                    _normalize(xd, (-1,), eps) * wd,
-                    f"on {what} you subtracted the mean: that is LayerNorm. RMSNorm does not "
-                    "center; it only divides by the root mean square, x / sqrt(mean(x**2) + eps).",
-                ),
-                (
-                    xd / torch.sqrt((xd**2).sum(dim=-1, keepdim=True) + eps) * wd,
-                    f"on {what} you divided by the root of the SUM of squares (the L2 norm). RMSNorm "
-                    "divides by the root of the MEAN square: sqrt(mean(x**2) + eps), which is "
-                    "sqrt(d) times smaller.",
-                ),
-                (
-                    xd / (ms.sqrt() + eps) * wd,
-                    f"on {what} eps is added outside the square root, x / (rms + eps): it belongs "
-                    "inside, x / sqrt(mean(x**2) + eps).",
-                ),
-                (
-                    xd / torch.sqrt(ms + eps),
-                    f"on {what} your output ignores weight: multiply the normalized x by it.",
-                ),
-                (
-                    xd * wd / torch.sqrt(((xd * wd) ** 2).mean(dim=-1, keepdim=True) + eps),
-                    f"on {what} weight is applied before the normalization, to x: it belongs "
-                    "after, y = weight * x / sqrt(mean(x**2) + eps), or the division undoes it.",
-                ),
-                (
-                    _reference_rms_norm(xd, wd, 1e-6) if eps != 1e-6 else None,
-                    f"on {what} your output is the one for eps=1e-6: the eps argument is ignored.",
-                ),
-                (
-                    xd / torch.sqrt((xd**2).mean(dim=0, keepdim=True) + eps) * wd if x.size(0) > 1 else None,
-                    f"on {what} the mean square is taken over dim 0 (across tokens): RMSNorm "
-                    "reduces over the last dimension, each token on its own.",
-                ),
-            ],
-        )
-        expect_close(y, expected, f"RMSNorm differs from torch.nn.RMSNorm on {what}")
+    def __init__(self, normalized_shape, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(normalized_shape))
 
-    # float64 and gradients
+    def forward(self, x):
+        return x / torch.sqrt((x**2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
+
+
+def _rms(forward):
+    return type("RMSNorm", (_RMSNorm,), {"forward": forward})
+
+
+def _rms_weight_first(self, x):
+    xw = x * self.weight  # scaled before the normalization
+    return xw / torch.sqrt((xw**2).mean(dim=-1, keepdim=True) + self.eps)
+
+
+def _rms_in_float32(self, x):
+    x32 = x.float()  # wrong for a float64 input
+    return (x32 / torch.sqrt((x32**2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def _rms_plain_weight(self, normalized_shape, eps=1e-6):
+    nn.Module.__init__(self)
+    self.eps, self.weight = eps, torch.ones(normalized_shape)
+
+
+_RMS = [  # named with the student's own weight
+    Mistake("you subtracted the mean: that is LayerNorm. RMSNorm does not center; it only "
+            "divides by the root mean square, x / sqrt(mean(x**2) + eps).",
+            _rms(lambda self, x: _RMSNorm.forward(self, x - x.mean(dim=-1, keepdim=True)))),
+    Mistake("you divided by the root of the SUM of squares (the L2 norm). RMSNorm divides by the "
+            "root of the MEAN square: sqrt(mean(x**2) + eps), which is sqrt(d) times smaller.",
+            _rms(lambda self, x: x / torch.sqrt((x**2).sum(dim=-1, keepdim=True) + self.eps) * self.weight)),
+    Mistake("eps is added outside the square root, x / (rms + eps): it belongs inside, "
+            "x / sqrt(mean(x**2) + eps).",
+            _rms(lambda self, x: x / ((x**2).mean(dim=-1, keepdim=True).sqrt() + self.eps) * self.weight)),
+    Mistake("your output ignores weight: multiply the normalized x by it.",
+            _rms(lambda self, x: x / torch.sqrt((x**2).mean(dim=-1, keepdim=True) + self.eps))),
+    Mistake("weight is applied before the normalization, to x: it belongs after, y = weight * x "
+            "/ sqrt(mean(x**2) + eps), or the division undoes it.", _rms(_rms_weight_first)),
+    Mistake("your output is the one for eps=1e-6: the eps argument is ignored.",
+            _rms(lambda self, x: x / torch.sqrt((x**2).mean(dim=-1, keepdim=True) + 1e-6) * self.weight),
+            when=lambda x, eps: eps != 1e-6),
+    Mistake("the mean square is taken over dim 0 (across tokens): RMSNorm reduces over the last "
+            "dimension, each token on its own.",
+            _rms(lambda self, x: x / torch.sqrt((x**2).mean(dim=0, keepdim=True) + self.eps) * self.weight),
+            when=lambda x, eps: x.size(0) > 1, expect="taken over dim 0"),
+    Caught(_rms(lambda self, x: x / (x**2).mean(dim=-1, keepdim=True).sqrt() * self.weight),
+           r"NaN .* is eps missing"),
+    Caught(type("RMSNorm", (_RMSNorm,), {"__init__": _rms_plain_weight}), r"has no parameter `weight`"),
+    Caught(_rms(_rms_in_float32), r"float64 input your output has only float32 precision"),
+]
+if hasattr(nn, "RMSNorm"):
+    _RMS.append(Caught(type("RMSNorm", (nn.RMSNorm,), {}), r"subclasses torch.nn.RMSNorm"))
+
+
+def _with_weight_of(norm, x, d, eps):
+    """``run`` for a mistake class: built like the student's norm, with its weight."""
+
+    def run(wrong_class):
+        twin = wrong_class(d, eps=eps)
+        twin.load_state_dict(norm.state_dict(), strict=False)
+        with torch.no_grad():
+            return twin(x)
+
+    return run
+
+
+def _rms_case(RMSNorm, what, x, d, eps, message) -> None:  # noqa: N803
+    with forbidden(_RMS_NORM_BUILTINS, message):
+        norm = call(RMSNorm, d, eps=eps, what=f"RMSNorm({d}, eps={eps})")
+    weight = _param(norm, "weight", (d,), 1, "RMSNorm")
+    w = _randn(d, seed=60 + d, scale=0.5, shift=1.0)
+    _set_(weight, w)
+    before = x.clone()
+    with torch.no_grad(), forbidden(_RMS_NORM_BUILTINS, message):
+        y = call(norm, x, what=f"RMSNorm({d}, eps={eps})(x)")
+    expect_unchanged(before, x, "x")
+    y = expect_shape(y, x.shape, f"RMSNorm({d}) on {what}")
+    expected = _reference_rms_norm(x.double(), w.double(), eps)
+    if same(y, expected):
+        return
+    if torch.isnan(y).any():
+        fail(f"NaN on {what}, which holds an all-zero token: is eps missing? "
+             "x / sqrt(mean(x**2) + eps) stays finite when x = 0.")
+    name_mistake(y, _RMS, x, eps, run=_with_weight_of(norm, x, d, eps), prefix=f"on {what} ")
+    expect_close(y, expected, f"RMSNorm differs from torch.nn.RMSNorm on {what}")
+
+
+def _rms_float64_and_gradients(RMSNorm) -> None:  # noqa: N803
     norm = call(RMSNorm, 10, eps=1e-6, what="RMSNorm(10, eps=1e-6)")
     weight = _param(norm, "weight", (10,), 1, "RMSNorm").data
     x = _randn(3, 4, 10, seed=54, dtype=torch.float64)
     with torch.no_grad():
         y = call(norm.double(), x, what="RMSNorm(10).double()(x)")
-    if y.dtype != torch.float64:
-        fail(f"for a float64 input (and a .double() module) your output is {y.dtype}: keep the dtype.")
+    expect_dtype(y, torch.float64, f"for a float64 input (and a .double() module) your output is "
+                 f"{y.dtype}: keep the dtype.")
     expected = _reference_rms_norm(x, weight.double(), 1e-6)
-    if not same(y, expected, atol=1e-10, rtol=1e-8):
-        in_float32 = _reference_rms_norm(x.float(), weight.float(), 1e-6).double()
-        if same(y, in_float32, atol=1e-6, rtol=1e-5):
-            fail(
-                "for a float64 input your output has only float32 precision (it differs from "
-                f"the float64 result by {(y - expected).abs().max().item():.1e}): part of it is "
-                "computed in float32 (x.float(), a float32 constant or tensor). Compute in "
-                "the input's dtype."
-            )
+    _float32_only(y, expected, _reference_rms_norm(x.float(), weight.float(), 1e-6).double())
     expect_close(y, expected, "RMSNorm differs in float64", atol=1e-10, rtol=1e-8)
     norm = call(RMSNorm, 6, eps=1e-6, what="RMSNorm(6, eps=1e-6)")
     weight = _param(norm, "weight", (6,), 1, "RMSNorm")
@@ -694,6 +842,27 @@ def check_rms_norm(RMSNorm):  # noqa: N803 - the argument is a class
     mine = _grads(lambda: call(norm, x, what="RMSNorm(6)(x)"), (x, weight), upstream, "RMSNorm")
     theirs = _grads(lambda: _reference_rms_norm(x, w_ref, 1e-6), (x, w_ref), upstream, "reference")
     _compare_grads(mine, theirs, ["x", "weight"], "RMSNorm")
+
+
+@exercise("6.3", "RMSNorm", mistakes={"RMSNorm": _RMS})
+def check_rms_norm(RMSNorm):  # noqa: N803 - the argument is a class
+    """Compare ``RMSNorm(normalized_shape, eps)`` with ``torch.nn.RMSNorm`` (or its formula)."""
+    expect_class(RMSNorm, nn.Module, "your RMSNorm class", "check_rms_norm(RMSNorm)")
+    if hasattr(nn, "RMSNorm") and issubclass(RMSNorm, nn.RMSNorm):
+        fail("your RMSNorm subclasses torch.nn.RMSNorm: write it from nn.Module yourself.")
+    message = "your RMSNorm calls PyTorch's rms_norm: write the formula yourself (mean of squares, sqrt)."
+    quiet = _randn(2, 3, 8, seed=50, scale=2.0, shift=1.0)
+    quiet[0, 1] *= 1e-4  # a token of tiny magnitude: where eps matters
+    quiet[1, 0] = 0.0  # an all-zero token
+    cases = [
+        ("a (2, 3, 8) input", quiet, 8, 1e-6),
+        ("a (5, 33) input", _randn(5, 33, seed=51, scale=3.0), 33, 1e-6),
+        ("a (4, 1) input (one feature)", _randn(4, 1, seed=52), 1, 1e-6),
+        ("a (3, 6) input with eps=1e-2", _randn(3, 6, seed=53, scale=0.05), 6, 1e-2),
+    ]
+    for case in cases:
+        _rms_case(RMSNorm, *case, message)
+    _rms_float64_and_gradients(RMSNorm)
 
 
 # --------------------------------------------------------------------------- exercise 6.4
@@ -722,85 +891,119 @@ def _check_dropout_rescaling(ScaledAddNorm, d, x, s) -> None:  # noqa: N803
         )
 
 
-@exercise("6.4", "Add & Norm with a scaled residual (DeepNorm)")
-def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a class
-    """``ScaledAddNorm(d_model, alpha, dropout)(x, s)`` must equal ``LayerNorm(alpha * x + dropout(s))``."""
-    expect_class(ScaledAddNorm, nn.Module, "your ScaledAddNorm class", "check_scaled_add_norm(ScaledAddNorm)")
-    d = 6
-    for number, (alpha, shape) in enumerate([(2.0, (2, 5, d)), (1.0, (3, d)), (0.5, (1, 1, d))]):
-        block = call(ScaledAddNorm, d, alpha=alpha, what=f"ScaledAddNorm({d}, alpha={alpha})")
-        norm = getattr(block, "norm", None)
-        if isinstance(norm, nn.Module) and getattr(norm, "weight", None) is None:
-            fail(
-                "ScaledAddNorm.norm has no learned gain and shift (`weight` and `bias` are "
-                "None: nn.LayerNorm(d_model, elementwise_affine=False)?). The Add & Norm's "
-                "LayerNorm has both, gamma and beta: self.norm = LayerNorm(d_model) or "
-                "nn.LayerNorm(d_model)."
-            )
-        if not (isinstance(norm, nn.Module) and isinstance(getattr(norm, "weight", None), torch.Tensor)):
-            fail(
-                "ScaledAddNorm has no layer norm at `.norm` with a `weight`: keep it there, as "
-                "AddNorm does (self.norm = LayerNorm(d_model) or nn.LayerNorm(d_model))."
-            )
-        norm_bias = getattr(norm, "bias", None)
-        if norm_bias is None:
-            fail(
-                "ScaledAddNorm.norm has a learned gain but no shift (`bias` is None: "
-                "nn.LayerNorm(d_model, bias=False)?). The Add & Norm's LayerNorm has both, "
-                "gamma and beta: nn.LayerNorm(d_model) or the chapter's LayerNorm."
-            )
-        if tuple(norm.weight.shape) != (d,) or not isinstance(norm_bias, torch.Tensor) or tuple(norm_bias.shape) != (d,):
-            fail(f"ScaledAddNorm.norm should normalize over d_model = {d} features, with weight and bias of shape ({d},).")
-        w, b = _randn(d, seed=80 + number, scale=0.5, shift=1.0), _randn(d, seed=85 + number)
-        _set_(norm.weight, w)
-        _set_(norm.bias, b)
-        x = _randn(*shape, seed=90 + number, scale=2.0, shift=0.5)
-        s = _randn(*shape, seed=95 + number, scale=0.7, shift=-1.0)
-        what = f"ScaledAddNorm({d}, alpha={alpha})(x, sublayer_output) for shape {shape}"
+class _ScaledAddNorm(nn.Module):
+    """A right ScaledAddNorm; ``_scaled(...)`` changes its forward, one mistake at a time."""
+
+    def __init__(self, d_model, alpha, dropout=0.0):
+        super().__init__()
+        self.alpha, self.dropout, self.norm = alpha, nn.Dropout(dropout), nn.LayerNorm(d_model)
+
+    def forward(self, x, s):
+        return self.norm(self.alpha * x + self.dropout(s))
+
+
+def _scaled(forward=None, **more):
+    return type("ScaledAddNorm", (_ScaledAddNorm,), {**more, **({"forward": forward} if forward else {})})
+
+
+def _not_rescaled(self, x, s):
+    if self.training:
+        s = s * (torch.rand_like(s) >= self.dropout.p)  # no 1 / (1 - p)
+    return self.norm(self.alpha * x + s)
+
+
+def _norm_at(name, **options):
+    def __init__(self, d_model, alpha, dropout=0.0):
+        _ScaledAddNorm.__init__(self, d_model, alpha, dropout)
+        del self.norm
+        setattr(self, name, nn.LayerNorm(d_model, **options))
+
+    return __init__
+
+
+_AFTER = ("you added the residual after the norm, x + norm(sublayer_output). In Add & Norm the "
+          "residual is added first and the sum is normalized: norm(alpha * x + sublayer_output).")
+_BEFORE = ("you normalized x before adding the sublayer output, norm(x) + sublayer_output. The "
+           "norm acts on the sum, after the residual is added: norm(alpha * x + sublayer_output).")
+_ALPHA_IGNORED = ("your output equals LayerNorm(x + sublayer_output). Either alpha is ignored, or "
+                  "it multiplies the whole sum, alpha * (x + sublayer_output), whose overall scale "
+                  "the LayerNorm removes again. DeepNorm multiplies the residual only: "
+                  "norm(alpha * x + sublayer_output).")
+_SCALED = [  # named with the student's own norm weights
+    Mistake(_AFTER, _scaled(lambda self, x, s: self.alpha * x + self.norm(self.dropout(s)))),
+    Mistake(_AFTER, _scaled(lambda self, x, s: x + self.norm(self.dropout(s)))),
+    Mistake(_BEFORE, _scaled(lambda self, x, s: self.norm(self.alpha * x) + self.dropout(s))),
+    Mistake(_BEFORE, _scaled(lambda self, x, s: self.norm(x) + self.dropout(s))),
+    Mistake("your output is not normalized: apply self.norm to the sum.",
+            _scaled(lambda self, x, s: self.alpha * x + self.dropout(s))),
+    Mistake("alpha scales the sublayer output; DeepNorm scales the residual x: norm(alpha * x + "
+            "sublayer_output).", _scaled(lambda self, x, s: self.norm(x + self.alpha * self.dropout(s))),
+            when=lambda alpha: alpha != 1.0),
+    Mistake(_ALPHA_IGNORED, _scaled(lambda self, x, s: self.norm(x + self.dropout(s))),
+            when=lambda alpha: alpha != 1.0),
+    Mistake("the residual x is missing: norm(alpha * x + sublayer_output).",
+            _scaled(lambda self, x, s: self.norm(self.dropout(s)))),
+    Mistake("the sublayer output is missing: norm(alpha * x + sublayer_output).",
+            _scaled(lambda self, x, s: self.norm(self.alpha * x))),
+    Caught(_scaled(lambda self, x, s: self.norm(self.alpha * (x + self.dropout(s)))),
+           r"or it multiplies the whole sum, alpha \* \(x \+ sublayer_output\)"),
+    Caught(_scaled(_not_rescaled), r"not rescaled: .*1 / \(1 - p\) = 2"),
+    Caught(_scaled(__init__=_norm_at("norm", elementwise_affine=False)),
+           r"no learned gain and shift.*elementwise_affine=False"),
+    Caught(_scaled(lambda self, x, s: self.norm(self.dropout(self.alpha * x + s))),
+           r"dropout reaches the residual x"),
+    Caught(_scaled(lambda self, x, s: self.norm(self.alpha * x + F.dropout(s, self.dropout.p, training=True))),
+           r"dropout still active after \.eval\(\)"),
+    Caught(_scaled(lambda self, x, s: self.norm(self.alpha * x + s)), r"dropout is not applied"),
+    Caught(_scaled(lambda self, x, s: self.layer_norm(self.alpha * x + self.dropout(s)),
+                   __init__=_norm_at("layer_norm")), r"no layer norm at `\.norm`"),
+]
+if "bias" in nn.LayerNorm.__init__.__code__.co_varnames:  # torch >= 2.1
+    _SCALED.append(Caught(_scaled(__init__=_norm_at("norm", bias=False)),
+                          r"learned gain but no shift.*bias=False"))
+
+
+def _with_norm_of(block, d, alpha, x, s):
+    """``run`` for a mistake class: built like the student's block, with its norm weights."""
+
+    def run(wrong_class):
+        twin = wrong_class(d, alpha).eval()
+        twin.load_state_dict(block.state_dict(), strict=False)
         with torch.no_grad():
-            y = expect_shape(call(block, x, s, what=what), shape, what)
-        xd, sd, wd, bd = x.double(), s.double(), w.double(), b.double()
+            return twin(x, s)
 
-        def ln(t, wd=wd, bd=bd):
-            return _normalize(t, (-1,), 1e-5) * wd + bd
+    return run
 
-        expected = ln(alpha * xd + sd)
-        if same(y, expected):
-            continue
-        after = (
-            "you added the residual after the norm, x + norm(sublayer_output). In Add & Norm "
-            "the residual is added first and the sum is normalized: norm(alpha * x + sublayer_output)."
+
+def _scaled_norm(block, d: int):
+    """The block's `.norm`: a layer norm with a gain and a shift of d features."""
+    norm = getattr(block, "norm", None)
+    if isinstance(norm, nn.Module) and getattr(norm, "weight", None) is None:
+        fail(
+            "ScaledAddNorm.norm has no learned gain and shift (`weight` and `bias` are "
+            "None: nn.LayerNorm(d_model, elementwise_affine=False)?). The Add & Norm's "
+            "LayerNorm has both, gamma and beta: self.norm = LayerNorm(d_model) or "
+            "nn.LayerNorm(d_model)."
         )
-        before = (
-            "you normalized x before adding the sublayer output, norm(x) + sublayer_output. The "
-            "norm acts on the sum, after the residual is added: norm(alpha * x + sublayer_output)."
+    if not (isinstance(norm, nn.Module) and isinstance(getattr(norm, "weight", None), torch.Tensor)):
+        fail(
+            "ScaledAddNorm has no layer norm at `.norm` with a `weight`: keep it there, as "
+            "AddNorm does (self.norm = LayerNorm(d_model) or nn.LayerNorm(d_model))."
         )
-        candidates = [
-            (alpha * xd + ln(sd), f"{what}: {after}"),
-            (xd + ln(sd), f"{what}: {after}"),
-            (ln(alpha * xd) + sd, f"{what}: {before}"),
-            (ln(xd) + sd, f"{what}: {before}"),
-            (alpha * xd + sd, f"{what}: your output is not normalized: apply self.norm to the sum."),
-        ]
-        if alpha != 1.0:
-            candidates += [
-                (ln(xd + alpha * sd), f"{what}: alpha scales the sublayer output; DeepNorm scales the residual x: norm(alpha * x + sublayer_output)."),
-                (
-                    ln(xd + sd),
-                    f"{what}: your output equals LayerNorm(x + sublayer_output). Either alpha "
-                    "is ignored, or it multiplies the whole sum, alpha * (x + sublayer_output), "
-                    "whose overall scale the LayerNorm removes again. DeepNorm multiplies the "
-                    "residual only: norm(alpha * x + sublayer_output).",
-                ),
-            ]
-        candidates += [
-            (ln(sd), f"{what}: the residual x is missing: norm(alpha * x + sublayer_output)."),
-            (ln(alpha * xd), f"{what}: the sublayer output is missing: norm(alpha * x + sublayer_output)."),
-        ]
-        diagnose(y, candidates)
-        expect_close(y, expected, f"{what} differs from LayerNorm(alpha * x + sublayer_output)")
+    norm_bias = getattr(norm, "bias", None)
+    if norm_bias is None:
+        fail(
+            "ScaledAddNorm.norm has a learned gain but no shift (`bias` is None: "
+            "nn.LayerNorm(d_model, bias=False)?). The Add & Norm's LayerNorm has both, "
+            "gamma and beta: nn.LayerNorm(d_model) or the chapter's LayerNorm."
+        )
+    if tuple(norm.weight.shape) != (d,) or not isinstance(norm_bias, torch.Tensor) or tuple(norm_bias.shape) != (d,):
+        fail(f"ScaledAddNorm.norm should normalize over d_model = {d} features, with weight and bias of shape ({d},).")
+    return norm
 
-    # dropout: only on the sublayer output, only in training mode
+
+def _scaled_dropout(ScaledAddNorm, d: int) -> None:  # noqa: N803
+    """Dropout: only on the sublayer output, only in training mode, rescaled."""
     block = call(ScaledAddNorm, d, alpha=1.5, dropout=0.5, what=f"ScaledAddNorm({d}, alpha=1.5, dropout=0.5)")
     x = _randn(4, 5, d, seed=100, scale=2.0)
     s = _randn(4, 5, d, seed=101)
@@ -831,6 +1034,30 @@ def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a clas
         )
 
     _check_dropout_rescaling(ScaledAddNorm, d, x, s)
+
+
+@exercise("6.4", "Add & Norm with a scaled residual (DeepNorm)", mistakes={"ScaledAddNorm": _SCALED})
+def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a class
+    """``ScaledAddNorm(d_model, alpha, dropout)(x, s)`` must equal ``LayerNorm(alpha * x + dropout(s))``."""
+    expect_class(ScaledAddNorm, nn.Module, "your ScaledAddNorm class", "check_scaled_add_norm(ScaledAddNorm)")
+    d = 6
+    for number, (alpha, shape) in enumerate([(2.0, (2, 5, d)), (1.0, (3, d)), (0.5, (1, 1, d))]):
+        block = call(ScaledAddNorm, d, alpha=alpha, what=f"ScaledAddNorm({d}, alpha={alpha})")
+        norm = _scaled_norm(block, d)
+        w, b = _randn(d, seed=80 + number, scale=0.5, shift=1.0), _randn(d, seed=85 + number)
+        _set_(norm.weight, w)
+        _set_(norm.bias, b)
+        x = _randn(*shape, seed=90 + number, scale=2.0, shift=0.5)
+        s = _randn(*shape, seed=95 + number, scale=0.7, shift=-1.0)
+        what = f"ScaledAddNorm({d}, alpha={alpha})(x, sublayer_output) for shape {shape}"
+        with torch.no_grad():
+            y = expect_shape(call(block, x, s, what=what), shape, what)
+        expected = _normalize(alpha * x.double() + s.double(), (-1,), 1e-5) * w.double() + b.double()
+        if not same(y, expected):
+            name_mistake(y, _SCALED, alpha, run=_with_norm_of(block, d, alpha, x, s), prefix=f"{what}: ")
+            expect_close(y, expected, f"{what} differs from LayerNorm(alpha * x + sublayer_output)")
+
+    _scaled_dropout(ScaledAddNorm, d)
 
     # gradients reach x, the sublayer output and the norm's parameters
     block = call(ScaledAddNorm, d, alpha=2.0, what=f"ScaledAddNorm({d}, alpha=2.0)")

@@ -11,34 +11,39 @@ from __future__ import annotations
 
 import math
 import zlib
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._core import (
+    Caught,
     CheckFailure,
+    Hint,
+    Mistake,
     call,
-    diagnose,
     exercise,
     expect_callable,
     expect_class,
     expect_close,
+    expect_dtype,
     expect_shape,
     expect_tensor,
     expect_unchanged,
     fail,
+    first_difference,
+    name_mistake,
+    randn,
+    refused,
     same,
 )
-from ._scratch import refused_calls
 
 # PyTorch's cross-entropy, kept before any patching (exercise 7.2 forbids it to the student).
 _cross_entropy = F.cross_entropy
 
 
-def _randn(*shape, seed: int, scale: float = 1.0, dtype=torch.float32) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(dtype)
+_randn = randn
 
 
 # ----------------------------------------------------------------------------- exercise 7.1
@@ -60,39 +65,65 @@ def _reference_encoding(positions: torch.Tensor, d_model: int, base: float) -> t
     return _interleave(angle.sin(), angle.cos())  # (..., d_model), float64
 
 
-def _encoding_candidates(positions: torch.Tensor, d_model: int, base: float):
-    """(wrong table, message) for the usual mistakes, in float64."""
-    p = positions.to(torch.float64)
-    right = _angles(p, d_model, base, lambda i: 2 * i)
-    single = _angles(p, d_model, base, lambda i: i)
-    shifted = _angles(p + 1, d_model, base, lambda i: 2 * i)
-    own_index = _angles(p, d_model, base, lambda i: 2 * i + 1)  # the odd column's own index
-    times = p[..., None] * base ** (2 * torch.arange(d_model // 2, dtype=torch.float64) / d_model)
-    candidates = [
-        (_interleave(right.cos(), right.sin()), "sin and cos are swapped: even columns 2i hold "
-         "sin(p / base^(2i/d_model)), odd columns 2i+1 hold cos of the same angle."),
-        (torch.cat([right.sin(), right.cos()], dim=-1), "your table puts all the sines in the "
-         "first half of the columns and all the cosines in the second half; the paper's table "
-         "interleaves them: column 2i is a sine, column 2i+1 the cosine of the same angle."),
-        (torch.cat([right.cos(), right.sin()], dim=-1), "your table puts all the cosines in the "
-         "first half and all the sines in the second half; the paper's table interleaves them: "
-         "column 2i is sin, column 2i+1 is cos of the same angle."),
-        (_interleave(single.sin(), single.cos()), "the exponent is i / d_model where it should "
-         "be 2i / d_model (i numbers the sin/cos pairs, 0 ... d_model/2 - 1): your frequencies "
-         "only fall to base^(-1/2) instead of nearly 1/base."),
-        (_interleave(right.sin(), own_index.cos()), "the cosine column 2i+1 uses the exponent "
-         "(2i+1)/d_model, its own column index: both columns of a pair share the angle "
-         "p / base^(2i/d_model)."),
-        (_interleave(shifted.sin(), shifted.cos()), "your positions start at 1: the first token "
-         "has position 0, so its row is sin(0), cos(0) = 0, 1, 0, 1, ..."),
-        (_interleave(times.sin(), times.cos()), "the angles are p * base^(2i/d_model): the "
-         "position is divided by base^(2i/d_model), so the frequencies fall with i."),
-    ]
-    if base != 10000.0:
-        candidates.append((_reference_encoding(p, d_model, 10000.0), f"your table is the one for "
-                           f"base 10000, but base={base} was asked for: the base argument is "
-                           "ignored."))
-    return candidates
+def _encoding_variant(positions, d_model, base=10000.0, *, order="interleave", exponent="2i",
+                      start=0, divide=True, use_base=True, cos_own_index=False, dtype=None,
+                      frequencies_dtype=None, odd_check=True, truncate=False):
+    """sinusoidal_encoding with one option per mistake (the defaults give the right answer)."""
+    if odd_check and d_model % 2:
+        raise ValueError(f"d_model must be even, got {d_model}.")
+    dtype = dtype or (positions.dtype if positions.is_floating_point() else torch.float32)
+    p = (positions.long() if truncate else positions).to(dtype)[..., None] + start  # (..., 1)
+    i = torch.arange(d_model // 2, dtype=frequencies_dtype or dtype)
+    power = {"2i": 2 * i, "i": i}[exponent]
+    scale = (base if use_base else 10000.0) ** (power / d_model)
+    angle = (p / scale if divide else p * scale).to(dtype)  # (..., d/2)
+    cos_angle = (p / (base ** ((2 * i + 1) / d_model))).to(dtype) if cos_own_index else angle
+    if order == "interleave":
+        return torch.stack([angle.sin(), cos_angle.cos()], dim=-1).flatten(-2)
+    if order == "swapped":
+        return torch.stack([angle.cos(), angle.sin()], dim=-1).flatten(-2)
+    halves = [angle.sin(), angle.cos()] if order == "sin|cos" else [angle.cos(), angle.sin()]
+    return torch.cat(halves, dim=-1)
+
+
+def _as_float64(wrong):
+    """A wrong encoding run in float64, so that only its mistake differs from the reference."""
+    return lambda positions, d_model, base: wrong(positions.double(), d_model, base)
+
+
+_ENCODING = [
+    Mistake("sin and cos are swapped: even columns 2i hold sin(p / base^(2i/d_model)), odd "
+            "columns 2i+1 hold cos of the same angle.", partial(_encoding_variant, order="swapped")),
+    Mistake("your table puts all the sines in the first half of the columns and all the cosines "
+            "in the second half; the paper's table interleaves them: column 2i is a sine, column "
+            "2i+1 the cosine of the same angle.", partial(_encoding_variant, order="sin|cos")),
+    Mistake("your table puts all the cosines in the first half and all the sines in the second "
+            "half; the paper's table interleaves them: column 2i is sin, column 2i+1 is cos of "
+            "the same angle.", partial(_encoding_variant, order="cos|sin")),
+    Mistake("the exponent is i / d_model where it should be 2i / d_model (i numbers the sin/cos "
+            "pairs, 0 ... d_model/2 - 1): your frequencies only fall to base^(-1/2) instead of "
+            "nearly 1/base.", partial(_encoding_variant, exponent="i")),
+    Mistake("the cosine column 2i+1 uses the exponent (2i+1)/d_model, its own column index: "
+            "both columns of a pair share the angle p / base^(2i/d_model).",
+            partial(_encoding_variant, cos_own_index=True), expect=r"uses the exponent \(2i\+1\)/d_model"),
+    Mistake("your positions start at 1: the first token has position 0, so its row is sin(0), "
+            "cos(0) = 0, 1, 0, 1, ...", partial(_encoding_variant, start=1)),
+    Mistake("the angles are p * base^(2i/d_model): the position is divided by "
+            "base^(2i/d_model), so the frequencies fall with i.", partial(_encoding_variant, divide=False)),
+    Mistake(lambda positions, d_model, base: f"your table is the one for base 10000, but "
+            f"base={base} was asked for: the base argument is ignored.",
+            partial(_encoding_variant, use_base=False), when=lambda p, d, base: base != 10000.0,
+            expect="the base argument is ignored"),
+    Mistake("your table rounds fractional positions down to whole numbers (positions.long(), or "
+            "rows looked up in a precomputed table): a position p of a floating tensor gets the "
+            "angles p / base^(2i/d_model) of p itself.", partial(_encoding_variant, truncate=True)),
+]
+_ENCODING_CAUGHT = [
+    Caught(partial(_encoding_variant, dtype=torch.float32), "returns torch.float32 for float64 positions"),
+    Caught(partial(_encoding_variant, dtype=torch.float64), "returns torch.float64 for integer positions"),
+    Caught(partial(_encoding_variant, frequencies_dtype=torch.float32), "runs in float32"),
+    Caught(partial(_encoding_variant, odd_check=False), "raise ValueError"),
+]
 
 
 def _call_encoding(encoding, positions: torch.Tensor, d_model: int, base: float | None):
@@ -107,7 +138,20 @@ def _call_encoding(encoding, positions: torch.Tensor, d_model: int, base: float 
     return table, label
 
 
-@exercise("7.1", "Sinusoidal positions for any position tensor")
+def _encoding_dtype(table, positions, label) -> None:
+    """float32 for integer positions; a floating input keeps its dtype."""
+    if positions.is_floating_point():
+        name = str(positions.dtype).replace("torch.", "")
+        expect_dtype(table, positions.dtype, f"{label} returns {table.dtype} for {name} positions: "
+                     "keep a floating input's dtype (build the frequencies with "
+                     "dtype=positions.dtype).")
+    elif table.dtype != torch.float32:
+        fail(f"{label} returns {table.dtype} for integer positions: return float32, the "
+             "dtype of the model's embeddings (e.g. positions.float() before the maths).")
+
+
+@exercise("7.1", "Sinusoidal positions for any position tensor",
+          mistakes={"sinusoidal_encoding": _ENCODING + _ENCODING_CAUGHT})
 def check_sinusoidal_encoding(sinusoidal_encoding):
     """Compare ``sinusoidal_encoding(positions, d_model, base=10000.0)`` with the formula."""
     expect_callable(sinusoidal_encoding, "your encoding function",
@@ -120,24 +164,19 @@ def check_sinusoidal_encoding(sinusoidal_encoding):
         (torch.arange(40), 16, 100.0),  # another base
         (torch.tensor([0]), 2, None),  # one position, one pair of columns
         (torch.tensor([[3, 17], [250, 1]]), 10, 500.0),  # arbitrary positions
+        (torch.tensor([0.5, 1.25, 7.75, 100.5]), 6, None),  # fractional float32 positions
     ]
     for positions, d_model, base in cases:
         table, label = _call_encoding(sinusoidal_encoding, positions, d_model, base)
         expected = _reference_encoding(positions, d_model, 10000.0 if base is None else base)
         expect_shape(table, expected.shape, f"the result of {label}")
-        if table.dtype != torch.float32:
-            fail(f"{label} returns {table.dtype} for integer positions: return float32, the "
-                 "dtype of the model's embeddings (e.g. positions.float() before the maths).")
+        _encoding_dtype(table, positions, label)
         if same(table, expected, atol=1e-4, rtol=1e-4):
             continue
         if not torch.isfinite(table).all():
             fail(f"{label} contains NaN or inf: check the division by base^(2i/d_model).")
-        diagnose(
-            table,
-            _encoding_candidates(positions, d_model, 10000.0 if base is None else base),
-            atol=1e-4,
-            rtol=1e-4,
-        )
+        name_mistake(table, _ENCODING, positions.double(), d_model,
+                     10000.0 if base is None else base, atol=1e-4, rtol=1e-4)
         expect_close(table, expected, f"{label} differs from PE[p, 2i] = sin(p / base^(2i/"
                      "d_model)), PE[p, 2i+1] = cos(p / base^(2i/d_model))", atol=1e-4, rtol=1e-4)
 
@@ -146,16 +185,14 @@ def check_sinusoidal_encoding(sinusoidal_encoding):
     table, label = _call_encoding(sinusoidal_encoding, positions, 12, None)
     expected = _reference_encoding(positions, 12, 10000.0)
     expect_shape(table, expected.shape, f"the result of {label}")
-    if table.dtype != torch.float64:
-        fail(f"{label} returns {table.dtype} for float64 positions: keep a floating input's "
-             "dtype (build the frequencies with dtype=positions.dtype).")
+    _encoding_dtype(table, positions, label)
     if not same(table, expected, atol=1e-10, rtol=1e-10):
         if same(table, expected, atol=1e-3, rtol=1e-3):
             fail(f"{label} agrees with the reference only to float32 precision, not to "
                  "float64's: part of the computation runs in float32 (torch.arange(...) and torch.tensor(...) default "
                  "to float32; pass dtype=positions.dtype). At position 3000 an angle needs "
                  "float64 to keep its sine to 1e-10.")
-        diagnose(table, _encoding_candidates(positions, 12, 10000.0), atol=1e-6, rtol=1e-6)
+        name_mistake(table, _ENCODING, positions, 12, 10000.0, atol=1e-6, rtol=1e-6)
         expect_close(table, expected, f"{label} differs from the reference in float64",
                      atol=1e-10, rtol=1e-10)
 
@@ -190,8 +227,8 @@ def _smoothed_parts(logits: torch.Tensor, target: torch.Tensor, ignore_index: in
     return nll, -log_p, keep
 
 
-def _loss_candidates(logits, target, smoothing, ignore_index):
-    """(wrong loss, message) for the usual label-smoothing and padding mistakes."""
+def _loss_found(logits, target, smoothing, ignore_index) -> dict:
+    """What each mistake of _LOSS returns on this case (None where it does not apply)."""
     vocab = logits.size(-1)
     eps = smoothing
     nll, neg_log_p, keep = _smoothed_parts(logits, target, ignore_index)
@@ -203,61 +240,166 @@ def _loss_candidates(logits, target, smoothing, ignore_index):
     def mean_real(per_token):
         return (per_token * keep_f).sum() / keep_f.sum()
 
-    candidates = [
-        ((right * keep_f).sum() / keep.numel(), "padding is counted in the mean: you zeroed the "
-         "loss at ignored positions but divided by all positions; divide by the number of "
-         "targets that are not ignore_index."),
-        (mean_real(nll), "your loss is the plain cross-entropy: the smoothing is missing "
-         "(loss = (1 - smoothing) * (-log p[target]) + smoothing * mean over classes of "
-         "(-log p))."),
-        (mean_real((1 - eps) * nll + eps * others), "you spread the smoothing mass over the "
-         "V-1 wrong classes (target gets exactly 1 - smoothing); F.cross_entropy spreads "
-         "smoothing/V over all V classes, the target included, so the target gets "
-         "1 - smoothing + smoothing/V."),
-        (mean_real((1 - eps) * nll), "only the (1 - smoothing) * (-log p[target]) term is "
-         "there: add smoothing times the mean over classes of -log p."),
-        (mean_real(nll + eps * uniform), "the target term is not scaled by (1 - smoothing): "
-         "loss = (1 - smoothing) * (-log p[target]) + smoothing * mean_c(-log p[c])."),
-        (mean_real((1 - eps) * nll + eps * neg_log_p.sum(dim=-1)), "the smoothing term sums "
-         "-log p over the classes; it is the mean (each class gets smoothing/V)."),
-        ((right * keep_f).sum(), "your loss is the sum over tokens: return the mean over the "
-         "tokens that are not ignore_index (reduction='mean')."),
-    ]
+    found = {
+        "pads in the mean": (right * keep_f).sum() / keep.numel(),
+        "no smoothing": mean_real(nll),
+        "V-1": mean_real((1 - eps) * nll + eps * others),
+        "no uniform term": mean_real((1 - eps) * nll),
+        "target not scaled": mean_real(nll + eps * uniform),
+        "sum over classes": mean_real((1 - eps) * nll + eps * neg_log_p.sum(dim=-1)),
+        "sum reduction": (right * keep_f).sum(),
+    }
     if 0 < eps:
-        q_target = 1 - eps + eps / vocab
-        q_other = eps / vocab
+        q_target, q_other = 1 - eps + eps / vocab, eps / vocab
         entropy = -(q_target * math.log(q_target) + (vocab - 1) * q_other * math.log(q_other))
-        candidates.append((mean_real(right - entropy), "your loss is smaller than "
-                           "F.cross_entropy's by exactly the entropy of the smoothed target: "
-                           "you computed the KL divergence (nn.KLDivLoss, as in some tutorials), "
-                           "not the cross-entropy. They have the same gradient but not the "
-                           "same value."))
+        found["KL divergence"] = mean_real(right - entropy)
     pad_class = neg_log_p[:, ignore_index] if 0 <= ignore_index < vocab else 0.0
-    pad_excluded = (neg_log_p.sum(dim=-1) - nll - pad_class) / (vocab - 2)
-    candidates.append((mean_real((1 - eps) * nll + eps * pad_excluded), "you give the padding "
-                       "class no smoothing mass and spread it as smoothing/(V-2) over the "
-                       "others (as the Annotated Transformer does); F.cross_entropy spreads "
-                       "smoothing/V over every class, ignore_index included."))
+    found["annotated"] = mean_real((1 - eps) * nll + eps * (neg_log_p.sum(dim=-1) - nll - pad_class)
+                                   / (vocab - 2))
     if 0 <= ignore_index < vocab:
-        candidates.append((right.mean(), "padding targets are not ignored: they are scored as a "
-                           "class and counted in the mean; leave out every position whose "
-                           "target is ignore_index."))
+        found["padding not ignored"] = right.mean()
     if target.dim() > 1:
-        per_row = (right * keep_f).view(target.shape).sum(-1) / keep_f.view(target.shape).sum(-1)
-        candidates.append((per_row.mean(), "you averaged each sequence over its tokens, then "
-                           "the sequences: F.cross_entropy averages over all real tokens at "
-                           "once, so a long sequence weighs more than a short one."))
-        log_p_dim1 = logits.double().log_softmax(dim=1)  # over the length axis
-        vocab_last = -log_p_dim1.reshape(-1, vocab)
+        found["per row"] = ((right * keep_f).view(target.shape).sum(-1)
+                            / keep_f.view(target.shape).sum(-1)).mean()
+        vocab_last = -logits.double().log_softmax(dim=1).reshape(-1, vocab)  # over the length axis
         nll_dim1 = vocab_last.gather(-1, target.reshape(-1).clamp(0, vocab - 1)[:, None])[:, 0]
-        candidates.append((mean_real((1 - eps) * nll_dim1 + eps * vocab_last.mean(-1)),
-                           "the softmax runs over dim 1, the length axis: here the classes are "
-                           "on the last axis, (batch, L, V); use log_softmax(dim=-1)."))
+        found["softmax over dim 1"] = mean_real((1 - eps) * nll_dim1 + eps * vocab_last.mean(-1))
     if smoothing != 0.1:
-        candidates.append((mean_real((1 - 0.1) * nll + 0.1 * uniform), f"your loss is the one "
-                           f"for smoothing=0.1, but smoothing={smoothing} was asked for: the "
-                           "smoothing argument is ignored."))
-    return candidates
+        found["smoothing ignored"] = mean_real((1 - 0.1) * nll + 0.1 * uniform)
+    return found
+
+
+def _loss_from(per_token, reduce="real", ignore_padding=True):
+    """A loss from per-token terms (log_p (N, V), target (N,), eps, ignore_index) -> (N,)."""
+
+    def label_smoothed_cross_entropy(logits, target, smoothing=0.1, ignore_index=-100):
+        log_p = logits.reshape(-1, logits.size(-1)).log_softmax(dim=-1)  # (N, V)
+        flat = target.reshape(-1)
+        keep = flat != ignore_index if ignore_padding else torch.ones_like(flat, dtype=torch.bool)
+        safe = flat.clamp(0, logits.size(-1) - 1)
+        loss = per_token(log_p, safe, smoothing, ignore_index) * keep  # (N,)
+        if reduce == "real":
+            return loss.sum() / keep.sum()
+        if reduce == "all":
+            return loss.mean()
+        if reduce == "sum":
+            return loss.sum()
+        return (loss.view(target.shape).sum(-1) / keep.view(target.shape).sum(-1)).mean()
+
+    return label_smoothed_cross_entropy
+
+
+def _nll(log_p, target):
+    return -log_p.gather(-1, target[:, None]).squeeze(-1)
+
+
+def _right_terms(log_p, target, eps, ignore_index):
+    return (1 - eps) * _nll(log_p, target) - eps * log_p.mean(-1)
+
+
+def _spread_over_others(log_p, target, eps, ignore_index):
+    others = (-log_p.sum(-1) - _nll(log_p, target)) / (log_p.size(-1) - 1)
+    return (1 - eps) * _nll(log_p, target) + eps * others
+
+
+def _annotated_transformer(log_p, target, eps, ignore_index):
+    """The target distribution of the Annotated Transformer: no mass on the padding class."""
+    vocab = log_p.size(-1)
+    true = torch.full_like(log_p, eps / (vocab - 2))
+    true.scatter_(1, target[:, None], 1 - eps)
+    if 0 <= ignore_index < vocab:
+        true[:, ignore_index] = 0
+    return -(true * log_p).sum(-1)
+
+
+def _kl_divergence(logits, target, smoothing=0.1, ignore_index=-100):
+    vocab = logits.size(-1)
+    log_p = logits.reshape(-1, vocab).log_softmax(-1)
+    flat = target.reshape(-1)
+    true = torch.full_like(log_p, smoothing / vocab)
+    true.scatter_(1, flat.clamp(0, vocab - 1)[:, None], 1 - smoothing + smoothing / vocab)
+    return F.kl_div(log_p, true, reduction="none").sum(-1)[flat != ignore_index].mean()
+
+
+def _kept(logits, target, ignore_index, dim=-1, log_of_softmax=False):
+    log_p = (logits.softmax(dim).log() if log_of_softmax else logits.log_softmax(dim=dim))
+    log_p, flat = log_p.reshape(-1, logits.size(-1)), target.reshape(-1)
+    keep = flat != ignore_index
+    return log_p[keep], flat[keep]
+
+
+def _loss_mistake(message: str, name: str, wrong, **more) -> Mistake:
+    return Mistake(message, wrong, symptom=lambda loss, found: found.get(name) is not None
+                   and same(loss, found[name], atol=1e-5, rtol=1e-5), **more)
+
+
+_LOSS = [
+    _loss_mistake("padding is counted in the mean: you zeroed the loss at ignored positions but "
+                  "divided by all positions; divide by the number of targets that are not "
+                  "ignore_index.", "pads in the mean", _loss_from(_right_terms, reduce="all")),
+    _loss_mistake("your loss is the plain cross-entropy: the smoothing is missing (loss = (1 - "
+                  "smoothing) * (-log p[target]) + smoothing * mean over classes of (-log p)).",
+                  "no smoothing", _loss_from(lambda lp, t, e, i: _nll(lp, t))),
+    _loss_mistake("you spread the smoothing mass over the V-1 wrong classes (target gets exactly "
+                  "1 - smoothing); F.cross_entropy spreads smoothing/V over all V classes, the "
+                  "target included, so the target gets 1 - smoothing + smoothing/V.", "V-1",
+                  _loss_from(_spread_over_others)),
+    _loss_mistake("only the (1 - smoothing) * (-log p[target]) term is there: add smoothing "
+                  "times the mean over classes of -log p.", "no uniform term",
+                  _loss_from(lambda lp, t, e, i: (1 - e) * _nll(lp, t))),
+    _loss_mistake("the target term is not scaled by (1 - smoothing): loss = (1 - smoothing) * "
+                  "(-log p[target]) + smoothing * mean_c(-log p[c]).", "target not scaled",
+                  _loss_from(lambda lp, t, e, i: _nll(lp, t) - e * lp.mean(-1))),
+    _loss_mistake("the smoothing term sums -log p over the classes; it is the mean (each class "
+                  "gets smoothing/V).", "sum over classes",
+                  _loss_from(lambda lp, t, e, i: (1 - e) * _nll(lp, t) - e * lp.sum(-1))),
+    _loss_mistake("your loss is the sum over tokens: return the mean over the tokens that are "
+                  "not ignore_index (reduction='mean').", "sum reduction",
+                  _loss_from(_right_terms, reduce="sum")),
+    _loss_mistake("your loss is smaller than F.cross_entropy's by exactly the entropy of the "
+                  "smoothed target: you computed the KL divergence (nn.KLDivLoss, as in some "
+                  "tutorials), not the cross-entropy. They have the same gradient but not the "
+                  "same value.", "KL divergence", _kl_divergence),
+    _loss_mistake("you give the padding class no smoothing mass and spread it as "
+                  "smoothing/(V-2) over the others (as the Annotated Transformer does); "
+                  "F.cross_entropy spreads smoothing/V over every class, ignore_index included.",
+                  "annotated", _loss_from(_annotated_transformer)),
+    _loss_mistake("padding targets are not ignored: they are scored as a class and counted in "
+                  "the mean; leave out every position whose target is ignore_index.",
+                  "padding not ignored", _loss_from(_right_terms, reduce="all", ignore_padding=False),
+                  expect="padding targets are not ignored|padding is counted"),
+    _loss_mistake("you averaged each sequence over its tokens, then the sequences: "
+                  "F.cross_entropy averages over all real tokens at once, so a long sequence "
+                  "weighs more than a short one.", "per row", _loss_from(_right_terms, reduce="rows")),
+    _loss_mistake("the softmax runs over dim 1, the length axis: here the classes are on the "
+                  "last axis, (batch, L, V); use log_softmax(dim=-1).", "softmax over dim 1",
+                  lambda logits, target, smoothing=0.1, ignore_index=-100: _right_terms(
+                      *_kept(logits, target, ignore_index, dim=1), smoothing, ignore_index).mean()),
+    _loss_mistake(lambda found: "your loss is the one for smoothing=0.1, but smoothing="
+                  f"{found['smoothing']} was asked for: the smoothing argument is ignored.",
+                  "smoothing ignored", lambda logits, target, smoothing=0.1, ignore_index=-100:
+                  _loss_from(_right_terms)(logits, target, 0.1, ignore_index),
+                  expect="smoothing argument is ignored"),
+]
+_LOSS_CAUGHT = [
+    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: _right_terms(
+        *_kept(logits, target, ignore_index, log_of_softmax=True), smoothing, ignore_index).mean(),
+        "use log_softmax"),
+    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), label_smoothing=smoothing,
+        ignore_index=ignore_index), "calls F.cross_entropy"),
+    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: nn.CrossEntropyLoss(
+        ignore_index=ignore_index, label_smoothing=smoothing)(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1)), "calls F.cross_entropy"),
+    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: _right_terms(
+        logits.reshape(-1, logits.size(-1)).log_softmax(-1),
+        target.reshape(-1).clamp(0, logits.size(-1) - 1), smoothing, ignore_index),
+        "one loss per token"),
+    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: _loss_from(_right_terms)(
+        logits.float(), target, smoothing, ignore_index), "returns torch.float32 for float64 logits"),
+    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: _loss_from(_right_terms)(
+        logits.detach(), target, smoothing, ignore_index), "carries no gradient"),
+]
 
 
 def _reference_loss(logits, target, smoothing, ignore_index):
@@ -273,7 +415,7 @@ def _call_loss(loss_fn, logits, target, smoothing, ignore_index):
     label = (f"label_smoothed_cross_entropy(logits {tuple(logits.shape)}, target "
              f"{tuple(target.shape)}, " + ", ".join(f"{k}={v}" for k, v in kwargs.items()) + ")")
     before = (logits.detach().clone(), target.clone())
-    with refused_calls([loss_fn], _CROSS_ENTROPY_FUNCTIONS, _CROSS_ENTROPY_MESSAGE):
+    with refused([loss_fn], _CROSS_ENTROPY_FUNCTIONS, _CROSS_ENTROPY_MESSAGE):
         loss = call(loss_fn, logits, target, what=label, **kwargs)
     expect_unchanged(before[0], logits.detach(), "logits")
     expect_unchanged(before[1], target, "target")
@@ -296,7 +438,8 @@ def _targets(shape, vocab: int, seed: int, pad: int | None = None, lengths=None)
     return target
 
 
-@exercise("7.2", "Label-smoothed cross-entropy that ignores padding")
+@exercise("7.2", "Label-smoothed cross-entropy that ignores padding",
+          mistakes={"label_smoothed_cross_entropy": _LOSS + _LOSS_CAUGHT})
 def check_label_smoothed_cross_entropy(label_smoothed_cross_entropy):
     """Compare with ``F.cross_entropy(..., label_smoothing=s, ignore_index=i)``."""
     expect_callable(label_smoothed_cross_entropy, "your loss function",
@@ -320,7 +463,8 @@ def check_label_smoothed_cross_entropy(label_smoothed_cross_entropy):
         if not torch.isfinite(loss):
             fail(f"{label} is {loss.item()}: with ordinary logits the loss is finite; does a "
                  "position get log(0)?")
-        diagnose(loss, _loss_candidates(logits, target, smoothing, index), atol=1e-5, rtol=1e-5)
+        found = _loss_found(logits, target, smoothing, index)
+        name_mistake(loss, _LOSS, {**found, "smoothing": smoothing})
         expect_close(loss, expected, f"{label} differs from F.cross_entropy(..., "
                      f"label_smoothing={smoothing}, ignore_index={index})", atol=1e-5, rtol=1e-5)
 
@@ -374,9 +518,115 @@ def _reference_batch(sequences, bos_id: int, eos_id: int, pad_id: int):
     return decoder_input, decoder_target, mask
 
 
-def _index(got: torch.Tensor, expected: torch.Tensor) -> str:
-    where = tuple(int(i) for i in (got != expected).nonzero()[0])
-    return f"at index {where} you have {got[where].item()}, expected {expected[where].item()}"
+_index = first_difference
+
+
+def _padded(rows, pad_id, length):
+    out = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = row
+    return out
+
+
+def _right_tokens(sequences, bos, eos, pad):
+    length = max(len(s) for s in sequences) + 1
+    bos_t, eos_t = torch.tensor([bos]), torch.tensor([eos])
+    inputs = _padded([torch.cat([bos_t, s]) for s in sequences], pad, length)
+    targets = _padded([torch.cat([s, eos_t]) for s in sequences], pad, length)
+    return inputs, targets
+
+
+def _causal(length):
+    return torch.ones(length, length, dtype=torch.bool).tril()
+
+
+def _real(x, pad):
+    return (x != pad)[:, None, None, :]  # (B, 1, 1, L): the real keys
+
+
+def _right_mask(x, pad):
+    return _causal(x.size(1)) & _real(x, pad)
+
+
+def _batch(build_tokens=_right_tokens, build_mask=_right_mask):
+    """make_decoder_batch from a token recipe and a mask recipe (the defaults are right)."""
+
+    def make_decoder_batch(sequences, bos_id, eos_id, pad_id):
+        decoder_input, decoder_target = build_tokens(sequences, bos_id, eos_id, pad_id)
+        return decoder_input, decoder_target, build_mask(decoder_input, pad_id)
+
+    return make_decoder_batch
+
+
+def _query_axis(x, pad):
+    return _causal(x.size(1)) & (x != pad)[:, None, :, None]
+
+
+_OR = "the masks are combined with | (OR): a key must pass both, so use & (AND)."
+_MASKS = [  # compared with the mask, the third result
+    Mistake("the target mask is the exact opposite of the expected one: the polarity is "
+            "inverted. True means 'may attend'.", _batch(build_mask=lambda x, pad: ~_right_mask(x, pad))),
+    Mistake("the target mask lets position i attend to later positions: the causal mask is "
+            "missing, so in training the decoder peeks at the very token it has to predict (the "
+            "next input is the current target) and learns to copy it.",
+            _batch(build_mask=lambda x, pad: _real(x, pad).expand(-1, 1, x.size(1), -1))),
+    Mistake("the target mask lets every position attend to padding keys: the padding mask is "
+            "missing; combine it with the causal mask using &.",
+            _batch(build_mask=lambda x, pad: _causal(x.size(1)).expand(x.size(0), 1, -1, -1))),
+    Mistake("the padding part of the target mask is inverted: it is True at padding keys. True "
+            "means 'may attend', so real tokens are True (tokens != pad_id).",
+            _batch(build_mask=lambda x, pad: _causal(x.size(1)) & ~_real(x, pad))),
+    *[Mistake("your padding mask is on the query axis (or on both): padding hides keys, the last "
+              "axis, so (tokens != pad_id)[:, None, None, :]. Padded query positions may attend "
+              "to earlier tokens: their outputs are ignored by the loss.", _batch(build_mask=mask))
+      for mask in (_query_axis, lambda x, pad: _query_axis(x, pad) & _real(x, pad))],
+    *[Mistake(_OR, _batch(build_mask=mask), expect=r"\| \(OR\)")
+      for mask in (lambda x, pad: _causal(x.size(1)) | _real(x, pad),
+                   lambda x, pad: _causal(x.size(1)) | ~_real(x, pad))],
+    Mistake("the target mask hides the diagonal: position i may attend to itself (keys j <= i). "
+            "Use tril(), not tril(diagonal=-1).", _batch(
+                build_mask=lambda x, pad: _right_mask(x, pad) & ~torch.eye(x.size(1), dtype=torch.bool))),
+]
+
+
+def _tokens_then(fix):
+    return lambda sequences, bos, eos, pad: fix(*_right_tokens(sequences, bos, eos, pad), bos, eos, pad)
+
+
+def _with_eos_rows(sequences, bos, eos, pad, extra):
+    length = max(len(s) for s in sequences) + 2
+    full = _padded([torch.cat([torch.tensor([bos]), s, torch.tensor([eos])]) for s in sequences],
+                   pad, length)
+    if extra:  # the whole rows, target shifted by one
+        return full, torch.cat([full[:, 1:], torch.full((len(sequences), 1), pad)], dim=1)
+    return full[:, :-1], full[:, 1:]
+
+
+def _no_bos(sequences, bos, eos, pad):
+    length = max(len(s) for s in sequences) + 1
+    full = _padded([torch.cat([s, torch.tensor([eos])]) for s in sequences], pad, length)
+    return full[:, :-1], full[:, 1:]
+
+
+_BATCH_CAUGHT = [
+    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i, i.clone()))), "no shift"),
+    Caught(_batch(_no_bos), "is BOS\\s+missing"),
+    Caught(_batch(lambda *a: _with_eos_rows(*a, extra=False)), "contain EOS"),
+    Caught(_batch(lambda *a: _with_eos_rows(*a, extra=True)), "never contains EOS"),
+    Caught(_batch(lambda s, b, e, p: (_right_tokens(s, b, e, p)[0], _padded(list(s), p, max(len(r) for r in s) + 1))),
+           "has no EOS"),
+    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i, torch.cat([torch.full((len(i), 1), b), t[:, :-1]], dim=1)))),
+           "the target starts with BOS"),
+    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (t, i))), "input and target are swapped"),
+    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i, t.masked_fill(i == p, -100)))), "padded with -100"),
+    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i.float(), t.float()))), "must be torch.long"),
+    Caught(_batch(lambda s, b, e, p: _right_tokens(s, b, e, 0)), "padded with 0, but pad_id=1"),
+    Caught(_batch(build_mask=lambda x, pad: _causal(x.size(1)).T & _real(x, pad)), "attend to later ones"),
+    Caught(_batch(build_mask=lambda x, pad: _right_mask(x, pad)[:, 0]), "add the head axis"),
+    Caught(_batch(build_mask=lambda x, pad: _causal(x.size(1))), "the same for every"),
+    Caught(_batch(build_mask=lambda x, pad: _right_mask(x, pad).float()), "must be torch.bool"),
+    Caught(lambda *args: _batch()(*args)[:2], "should return a tuple"),
+]
 
 
 def _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_target,
@@ -441,7 +691,7 @@ def _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_tar
              f"{_index(decoder_input, expected_input)}.")
 
 
-def _diagnose_mask(mask, decoder_input, expected, pad_id, where):
+def _diagnose_mask(mask, decoder_input, expected, pad_id, where, args):
     batch, length = decoder_input.shape
     mask = expect_tensor(mask, f"{where}: the target mask")
     if tuple(mask.shape) == (batch, length, length):
@@ -460,39 +710,16 @@ def _diagnose_mask(mask, decoder_input, expected, pad_id, where):
     expect_shape(mask, expected.shape, f"{where}: the target mask")
     if torch.equal(mask, expected):
         return
-    causal = torch.ones(length, length, dtype=torch.bool).tril().expand(expected.shape)
-    real = (decoder_input != pad_id)[:, None, None, :].expand(expected.shape)
-    real_query = (decoder_input != pad_id)[:, None, :, None].expand(expected.shape)
-    if torch.equal(mask, ~expected):
-        fail(f"{where}: the target mask is the exact opposite of the expected one: the "
-             "polarity is inverted. True means 'may attend'.")
-    if torch.equal(mask, real):
-        fail(f"{where}: the target mask lets position i attend to later positions: the causal "
-             "mask is missing, so in training the decoder peeks at the very token it has to "
-             "predict (the next input is the current target) and learns to copy it.")
-    if torch.equal(mask, causal):
-        fail(f"{where}: the target mask lets every position attend to padding keys: the "
-             "padding mask is missing; combine it with the causal mask using &.")
-    if torch.equal(mask, causal & ~real):
-        fail(f"{where}: the padding part of the target mask is inverted: it is True at padding "
-             "keys. True means 'may attend', so real tokens are True (tokens != pad_id).")
-    if torch.equal(mask, causal & real_query) or torch.equal(mask, causal & real & real_query):
-        fail(f"{where}: your padding mask is on the query axis (or on both): padding hides "
-             "keys, the last axis, so (tokens != pad_id)[:, None, None, :]. Padded query "
-             "positions may attend to earlier tokens: their outputs are ignored by the loss.")
-    if torch.equal(mask, causal | real) or torch.equal(mask, causal | ~real):
-        fail(f"{where}: the masks are combined with | (OR): a key must pass both, so use & "
-             "(AND).")
-    if torch.equal(mask, expected & ~torch.eye(length, dtype=torch.bool)):
-        fail(f"{where}: the target mask hides the diagonal: position i may attend to itself "
-             "(keys j <= i). Use tril(), not tril(diagonal=-1).")
+    name_mistake(mask, _MASKS, *args, pick=lambda result: result[2], prefix=f"{where}: ")
+    causal = _causal(length).expand(expected.shape)
     if (mask & ~causal).any():
         fail(f"{where}: the target mask lets some positions attend to later ones "
              f"({_index(mask, expected)}): the decoder peeks at the future.")
     fail(f"{where}: the target mask differs from causal & not-padding: {_index(mask, expected)}.")
 
 
-@exercise("7.3", "The decoder input, target and mask of a batch")
+@exercise("7.3", "The decoder input, target and mask of a batch",
+          mistakes={"make_decoder_batch": _MASKS + _BATCH_CAUGHT})
 def check_decoder_batch(make_decoder_batch):
     """Compare ``make_decoder_batch(sequences, bos_id, eos_id, pad_id)`` with the reference."""
     expect_callable(make_decoder_batch, "your batch function",
@@ -527,7 +754,8 @@ def check_decoder_batch(make_decoder_batch):
                                                                           eos_id, pad_id)
         _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_target,
                          sequences, bos_id, eos_id, pad_id, where)
-        _diagnose_mask(mask, expected_input, expected_mask, pad_id, where)
+        _diagnose_mask(mask, expected_input, expected_mask, pad_id, where,
+                       ([s.clone() for s in sequences], bos_id, eos_id, pad_id))
 
 
 # ----------------------------------------------------------------------------- exercise 7.4
@@ -630,6 +858,12 @@ _TRAP_2 = {
 }
 
 
+# With max_len=3 the best hypothesis, BOS A A (0.57), is unfinished; BOS EOS (0.4) finished.
+_TRAP_3 = {(): {_A: 0.6, _EOS: 0.4}, (_A,): {_A: 0.95, _EOS: 0.05}}
+# With max_len=3 the best hypothesis, BOS EOS (0.5), finished at the first step.
+_TRAP_4 = {(): {_EOS: 0.5, _A: 0.5}, (_A,): {_A: 0.5, _B: 0.5}}
+
+
 def _log_probs(model, src, tokens: list[int]) -> list[float]:
     """log p(token | prefix, src) for every token after the first, by teacher forcing."""
     with torch.no_grad():
@@ -638,66 +872,105 @@ def _log_probs(model, src, tokens: list[int]) -> list[float]:
     return [log_p[t, token].item() for t, token in enumerate(tokens[1:])]
 
 
-def _search(model, src, max_len: int, beam_size: int, refill=False, stop_at_k=False,
-            mistake=None):
-    """Beam search over the check's models; ``mistake`` switches on one usual error.
+def _beam_variant(mistake=None, refill=False, early_stop=False, stop_at_k=False):
+    """beam_search with one mistake switched on, or an accepted variant (refill: keep the
+    beam full with unfinished extensions; stop_at_k: fairseq's stop; early_stop: stop once
+    no live hypothesis can catch up)."""
 
-    ``refill`` keeps the beam full with the best unfinished extensions; ``stop_at_k`` stops
-    as soon as beam_size hypotheses are finished (fairseq's rule).
-    """
-    memory = model.encode(src)
-    live, finished, step = [([_BOS], 0.0)], [], 0
-    while live and len(live[0][0]) < max_len and not (stop_at_k and len(finished) >= beam_size):
-        step += 1
-        tgt = torch.tensor([seq for seq, _ in live])  # (k, t)
-        k = len(live)
-        logits = model.decode(tgt, memory.expand(k, -1, -1), src.expand(k, -1))  # (k, t, V)
-        logits = (logits[:, 0] if mistake == "first position" else logits[:, -1]).double()
-        scores = {
-            "logits": logits,
-            "probabilities": logits.softmax(dim=-1),
-        }.get(mistake, logits.log_softmax(dim=-1))  # (k, V)
-        candidates = []
-        for b, (seq, score) in enumerate(live):
-            tokens = range(scores.size(-1))
-            if mistake == "greedy beams" and step > 1:
-                tokens = [int(scores[b].argmax())]
-            base = 0.0 if mistake == "not accumulated" else score
-            candidates += [(seq + [t], base + scores[b, t].item()) for t in tokens]
-        candidates.sort(key=lambda c: -c[1])
-        top = candidates[:beam_size]
-        finished += [c for c in top if c[0][-1] == _EOS]
-        if refill:
-            live = [c for c in candidates if c[0][-1] != _EOS][:beam_size]
-        else:
-            live = [c for c in top if c[0][-1] != _EOS]
-    pool = finished + live
-    if mistake == "length normalized":
-        return max(pool, key=lambda c: c[1] / (len(c[0]) - 1))[0]
-    return max(pool, key=lambda c: c[1])[0]
+    def beam_search(model, src, bos_id, eos_id, max_len, beam_size):
+        if mistake != "train mode":
+            model.eval()
+        with torch.enable_grad() if mistake == "gradients" else torch.no_grad():
+            memory = model.encode(src)
+            live, finished, step = [([bos_id], 0.0)], [], 0
+            limit = max_len + 1 if mistake == "max_len + 1" else max_len
+            while live and len(live[0][0]) < limit and not (stop_at_k and len(finished) >= beam_size):
+                step += 1
+                if early_stop and finished and max(s for _, s in finished) >= live[0][1]:
+                    break  # no live hypothesis can catch up: scores only go down
+                k = len(live)
+                tgt = torch.tensor([tokens for tokens, _ in live])
+                logits = model.decode(tgt, memory.expand(k, -1, -1), src.expand(k, -1))
+                last = (logits[:, 0] if mistake == "first position" else logits[:, -1]).double()
+                scores = {"logits": last, "probabilities": last.softmax(-1)}.get(
+                    mistake, last.log_softmax(-1))
+                base = torch.tensor([0.0 if mistake == "not accumulated" else s for _, s in live],
+                                    dtype=torch.float64)
+                totals = base[:, None] + scores
+                if mistake == "greedy beams" and step > 1:
+                    chosen = [(b, int(totals[b].argmax())) for b in range(k)]
+                else:
+                    order = totals.flatten().argsort(descending=True, stable=True)
+                    width = totals.numel() if refill else beam_size
+                    chosen = [divmod(int(i), totals.size(1)) for i in order[:width]]
+                new_live = []
+                for rank, (b, token) in enumerate(chosen):
+                    hypothesis = (tgt[b].tolist() + [token], totals[b, token].item())
+                    ends = token == eos_id and mistake != "extends finished"
+                    if ends and rank < beam_size:
+                        finished.append(hypothesis)
+                    elif not ends and len(new_live) < beam_size and (refill or rank < beam_size):
+                        new_live.append(hypothesis)
+                live = new_live
+            pool = {"finished only": finished or live, "live only": live or finished}.get(
+                mistake, finished + live)
+            rank = (lambda h: h[1] / (len(h[0]) - 1)) if mistake == "length normalized" else (lambda h: h[1])
+            tokens, score = max(pool, key=rank)
+        if mistake == "score without EOS" and tokens[-1] == eos_id:
+            with torch.no_grad():
+                logits = model.decode(torch.tensor([tokens[:-1]]), memory, src)
+            score -= logits[0, -1].double().log_softmax(-1)[eos_id].item()
+        shaped = {"2-D": lambda: torch.tensor([tokens]), "no BOS": lambda: torch.tensor(tokens[1:])}
+        result = (shaped.get(mistake, lambda: torch.tensor(tokens))(),
+                  math.exp(score) if mistake == "probability" else score)
+        return result[0] if mistake == "tokens only" else result
 
-
-_BEAM_MISTAKES = [
-    ("not accumulated", "your search ranks hypotheses by the log-probability of their last "
-     "token only: a hypothesis's score is the SUM of the log-probabilities of all its tokens "
-     "(score of the parent + log p(new token))."),
-    ("logits", "your search adds raw logits: turn them into log-probabilities first "
-     "(log_softmax over the vocabulary); logits of different prefixes are not comparable."),
-    ("probabilities", "your search adds probabilities: the probability of a sequence is the "
-     "product of its tokens' probabilities, so add their logarithms (log_softmax)."),
-    ("greedy beams", "after the first step each of your beams follows only its own best "
-     "token: all extensions of all beams compete for the beam_size places, so a beam may "
-     "keep two of its children and another none."),
-    ("first position", "your search reads the logits of position 0 at every step: the "
-     "prediction for the next token is at the last position, logits[:, -1]."),
-    ("length normalized", "your search picks the final hypothesis by its score divided by "
-     "its length: this exercise ranks by the total log-probability, without length "
-     "normalization."),
-]
+    return beam_search
 
 
-def _call_beam(beam_search, model, src, max_len, beam_size, label):
-    result = call(beam_search, model, src, _BOS, _EOS, max_len, beam_size, what=label)
+def _accepted(model, src, max_len: int, beam_size: int) -> list[list[int]]:
+    """The tokens of the accepted searches: the plain one, refilled, and fairseq's stop."""
+    return [_beam_variant(refill=refill, stop_at_k=stop)(model, src, _BOS, _EOS, max_len,
+                                                         beam_size)[0].tolist()
+            for refill, stop in [(False, False), (True, False), (True, True)]]
+
+
+_BEAM = {  # the search mistakes, named by the wrong tokens they return on every case
+    "not accumulated": "your search ranks hypotheses by the log-probability of their last token "
+    "only: a hypothesis's score is the SUM of the log-probabilities of all its tokens (score of "
+    "the parent + log p(new token)).",
+    "logits": "your search adds raw logits: turn them into log-probabilities first (log_softmax "
+    "over the vocabulary); logits of different prefixes are not comparable.",
+    "probabilities": "your search adds probabilities: the probability of a sequence is the "
+    "product of its tokens' probabilities, so add their logarithms (log_softmax).",
+    "greedy beams": "after the first step each of your beams follows only its own best token: "
+    "all extensions of all beams compete for the beam_size places, so a beam may keep two of "
+    "its children and another none.",
+    "first position": "your search reads the logits of position 0 at every step: the prediction "
+    "for the next token is at the last position, logits[:, -1].",
+    "length normalized": "your search picks the final hypothesis by its score divided by its "
+    "length: this exercise ranks by the total log-probability, without length normalization.",
+    "finished only": "your search returns the best finished hypothesis although an unfinished "
+    "one, stopped at max_len, has a higher score: return the best hypothesis, finished or not.",
+    "live only": "your search returns the best hypothesis still live at the end and forgets "
+    "the finished ones it set aside: a finished hypothesis keeps competing to the end.",
+}
+_BEAM_MISTAKES = [Mistake(message, _beam_variant(name), expect=re_words)
+                  for (name, message), re_words in zip(_BEAM.items(), [
+                      "last\\s+token only", "adds raw logits", "adds probabilities",
+                      "follows only its own best", "logits of position 0",
+                      "divided by\\s+its length", "best finished hypothesis",
+                      "forgets\\s+the finished ones"])]
+_BEAM_CAUGHT = [Caught(_beam_variant(name), expect) for name, expect in [
+    ("train mode", "model.eval\\(\\)"), ("gradients", "torch.no_grad\\(\\)"),
+    ("extends finished", "goes on after EOS"), ("max_len + 1", "more than max_len"),
+    ("score without EOS", "leaves out log p\\(EOS\\)"), ("probability", "you return the probability"),
+    ("2-D", "return one sequence, a\\s+1-D tensor"), ("no BOS", "starts with BOS"),
+    ("tokens only", "should return a tuple")]]
+
+
+def _call_beam(beam_search, model, src, max_len, beam_size, label, hints=()):
+    result = call(beam_search, model, src, _BOS, _EOS, max_len, beam_size, what=label, hints=hints)
     if not (isinstance(result, tuple) and len(result) == 2):
         fail(f"{label} should return a tuple (tokens, score); it returned a "
              f"{type(result).__name__}.")
@@ -772,12 +1045,13 @@ def _score_mistake(score: float, model, src, tokens: list[int], label: str) -> N
 def _beam_cases():
     """(label, model, src, max_len, beam_size): two traps, then random little models."""
     cases = []
-    for name, table, sizes in [("trap 1", _TRAP, (1, 2, 3)), ("trap 2", _TRAP_2, (2,))]:
+    for name, table, sizes, max_len in [("trap 1", _TRAP, (1, 2, 3), 6), ("trap 2", _TRAP_2, (2,), 6),
+                                        ("trap 3", _TRAP_3, (2,), 3), ("trap 4", _TRAP_4, (2,), 3)]:
         for beam_size in sizes:
             model = _LookupModel(5, _table_next_logits(5, table))
-            cases.append((f"beam_search(model, src, bos_id=1, eos_id=2, max_len=6, "
+            cases.append((f"beam_search(model, src, bos_id=1, eos_id=2, max_len={max_len}, "
                           f"beam_size={beam_size}) on a hand-built model ({name})", model,
-                          torch.tensor([[5, 6, 7]]), 6, beam_size))
+                          torch.tensor([[5, 6, 7]]), max_len, beam_size))
     random = [
         # vocab, seed, scale, eos_bias, max_len, beam_size
         (6, 1, 2.0, 0.8, 6, 1),
@@ -798,7 +1072,7 @@ def _beam_cases():
     return cases
 
 
-@exercise("7.4", "Beam search")
+@exercise("7.4", "Beam search", mistakes={"beam_search": _BEAM_MISTAKES + _BEAM_CAUGHT})
 def check_beam_search(beam_search):
     """Compare ``beam_search(model, src, bos_id, eos_id, max_len, beam_size)`` with a reference.
 
@@ -807,23 +1081,23 @@ def check_beam_search(beam_search):
     (fairseq's and Hugging Face's way), and then stopping once beam_size hypotheses are
     finished (fairseq's rule), are accepted too. A wrong answer is compared with
     what each usual mistake returns on every case; the mistake is named as soon as only
-    one of them explains every wrong answer seen so far.
+    one of them returns every answer seen so far, right or wrong.
     """
     expect_callable(beam_search, "your beam search function", "check_beam_search(beam_search)")
-    suspects = [name for name, _ in _BEAM_MISTAKES]
+    suspects = list(_BEAM)
     first_failure = None
     for label, model, src, max_len, beam_size in _beam_cases():
         tokens, score = _call_beam(beam_search, model, src, max_len, beam_size, label)
         reference = _LookupModel(model.vocab_size, model.next_logits)
-        expected = [_search(reference, src, max_len, beam_size, refill=refill, stop_at_k=stop)
-                    for refill, stop in [(False, False), (True, False), (True, True)]]
+        expected = _accepted(reference, src, max_len, beam_size)
+        # a suspect stays one while it returns what the student returns, right or wrong
+        suspects = [name for name in suspects if tokens == _beam_variant(name)(
+            reference, src, _BOS, _EOS, max_len, beam_size)[0].tolist()]
         if tokens in expected:
             _score_mistake(score, reference, src, tokens, label)
             continue
-        suspects = [name for name in suspects
-                    if tokens == _search(reference, src, max_len, beam_size, mistake=name)]
         if len(suspects) == 1:
-            fail(f"{label}: {dict(_BEAM_MISTAKES)[suspects[0]]}")
+            fail(f"{label}: {_BEAM[suspects[0]]}")
         if beam_size == 1:
             message = (f"{label} returned {tokens}, but greedy decoding gives {expected[0]}: "
                        "with beam_size=1, beam search keeps the single best extension at "
@@ -839,9 +1113,13 @@ def check_beam_search(beam_search):
         first_failure = first_failure or message
     if first_failure is not None:
         if suspects:  # several mistakes explain every wrong answer: name the likeliest
-            fail(f"{first_failure[:-1]}: {dict(_BEAM_MISTAKES)[suspects[0]]}")
+            fail(f"{first_failure[:-1]}: {_BEAM[suspects[0]]}")
         fail(first_failure)
     _check_beam_on_transformer(beam_search)
+
+
+_EXPAND = Hint(RuntimeError, "size", "With k hypotheses in a batch, memory and src need the "
+               "batch size k too: memory.expand(k, -1, -1), src.expand(k, -1).")
 
 
 def _check_beam_on_transformer(beam_search):
@@ -856,18 +1134,11 @@ def _check_beam_on_transformer(beam_search):
                                 num_decoder_layers=1, d_ff=32, dropout=0.1, max_len=32)
         label = (f"beam_search(model, src, bos_id=1, eos_id=2, max_len=7, beam_size={beam_size})"
                  " on the chapter's Transformer (untrained, 10 tokens)")
-        try:
-            tokens, score = _call_beam(beam_search, model, src, 7, beam_size, label)
-        except CheckFailure as failure:
-            if isinstance(failure.__cause__, RuntimeError) and "size" in str(failure.__cause__):
-                fail(f"{failure} With k hypotheses in a batch, memory and src need the batch "
-                     "size k too: memory.expand(k, -1, -1), src.expand(k, -1).")
-            raise
+        tokens, score = _call_beam(beam_search, model, src, 7, beam_size, label, hints=[_EXPAND])
         left_training = model.training
         model.eval()
         with torch.no_grad():
-            expected = [_search(model, src, 7, beam_size, refill=refill, stop_at_k=stop)
-                        for refill, stop in [(False, False), (True, False), (True, True)]]
+            expected = _accepted(model, src, 7, beam_size)
             if tokens in expected:
                 _score_mistake(score, model, src, tokens, label)
                 continue
@@ -938,109 +1209,159 @@ def _classifier_parts(model, vocab, classes, d_model, layers, label):
     return embedding, positions, stack, classifier
 
 
-def _classifier_variant(parts, tokens, pad_id, d_model, variant=None):
-    """The classifier's logits computed from its own submodules, with one variation."""
-    embedding, positions, stack, classifier = parts
-    real = tokens != pad_id  # (B, L)
-    x = embedding(tokens)  # (B, L, d_model)
-    if variant == "scale after positions":
-        x = positions(x) * math.sqrt(d_model)
-    elif variant == "no positions":
-        x = x * math.sqrt(d_model)
-    else:
-        x = positions(x * (1.0 if variant == "unscaled" else math.sqrt(d_model)))
-    mask = {
-        "no mask": None,
-        "inverted mask": ~real[:, None, None, :],
-        "mask on queries": real[:, None, :, None],
-    }.get(variant, real[:, None, None, :])  # (B, 1, 1, L): True = may attend
-    for layer in stack:
-        x = layer(x, mask)  # (B, L, d_model)
-    weights = real[..., None].to(x.dtype)  # (B, L, 1)
-    if variant == "mean over all":
-        pooled = x.mean(dim=1)
-    elif variant == "sum":
-        pooled = (x * weights).sum(dim=1)
-    elif variant == "first":
-        pooled = x[:, 0]
-    elif variant == "last":
-        pooled = x[:, -1]
-    elif variant == "max":
-        pooled = x.masked_fill(~real[..., None], float("-inf")).amax(dim=1)
-    else:
-        pooled = (x * weights).sum(dim=1) / weights.sum(dim=1)  # (B, d_model)
-    return classifier(pooled)  # (B, num_classes)
+class _Classifier(nn.Module):
+    """EncoderClassifier with one class option per mistake (none: the right classifier)."""
+
+    variant, scale, repeat, torch_layers, positions_attr = None, True, False, False, True
+    pass_dropout = pass_max_len = True
+
+    def __init__(self, vocab_size, num_classes, d_model, num_heads, num_layers, d_ff,
+                 dropout=0.0, max_len=512, pad_id=0):
+        from ..model import EncoderLayer, PositionalEncoding
+
+        super().__init__()
+        self.d_model, self.pad_id = d_model, pad_id
+        dropout = dropout if self.pass_dropout else 0.1
+        self.embedding = nn.Embedding(vocab_size, d_model)
+        if self.positions_attr:
+            self.positions = PositionalEncoding(d_model, max_len if self.pass_max_len else 512, dropout)
+        if self.torch_layers:
+            layers = [nn.TransformerEncoderLayer(d_model, num_heads, d_ff, dropout, batch_first=True)
+                      for _ in range(num_layers)]
+        elif self.repeat:
+            layers = [EncoderLayer(d_model, num_heads, d_ff, dropout)] * num_layers
+        else:
+            layers = [EncoderLayer(d_model, num_heads, d_ff, dropout) for _ in range(num_layers)]
+        self.layers = nn.ModuleList(layers)
+        self.classifier = nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens):
+        variant, real = self.variant, tokens != self.pad_id  # (B, L)
+        x = self.embedding(tokens) * (math.sqrt(self.d_model) if self.scale else 1.0)
+        if variant == "scale after positions":
+            x = self.positions(self.embedding(tokens)) * math.sqrt(self.d_model)
+        elif variant != "no positions":
+            x = self.positions(x)
+        mask = {"no mask": None, "inverted mask": ~real[:, None, None, :],
+                "mask on queries": real[:, None, :, None]}.get(variant, real[:, None, None, :])
+        for layer in self.layers:
+            x = layer(x, mask)  # (B, L, d_model)
+        weights = real[..., None].to(x.dtype)  # (B, L, 1)
+        pooled = {
+            "mean over all": lambda: x.mean(1), "sum": lambda: (x * weights).sum(1),
+            "first": lambda: x[:, 0], "last": lambda: x[:, -1],
+            "max": lambda: x.masked_fill(~real[..., None], float("-inf")).amax(1),
+            "mean with max_len": lambda: (x * weights).sum(1) / 512,
+        }.get(variant, lambda: (x * weights).sum(1) / weights.sum(1))()  # (B, d_model)
+        return self.classifier(pooled)  # (B, num_classes)
 
 
-_CLASSIFIER_MISTAKES = [
-    ("no mask", "the encoder layers attend to padding: pass the padding mask "
-     "(tokens != pad_id)[:, None, None, :] to every layer, layer(x, mask)."),
-    ("inverted mask", "the padding mask is inverted: it is True at padding. In the book True "
-     "means 'may attend', so real tokens are True (tokens != pad_id)."),
-    ("mask on queries", "the padding mask is on the query axis, (B, 1, L, 1): padding hides "
-     "keys, the last axis, (B, 1, 1, L)."),
-    ("mean over all", "the mean runs over every position, padding included: sum the real "
-     "positions only and divide by their number, so that padding does not dilute it."),
-    ("sum", "you sum over the real positions without dividing by their number: take the "
-     "mean, so that long and short sequences are on the same scale."),
-    ("first", "you classify from the first position only: pool with the mean over all real "
-     "positions."),
-    ("last", "you classify from the last position, which is padding in every padded row: "
-     "pool with the mean over the real positions."),
-    ("max", "you pool with the maximum over positions: the exercise asks for the mean over "
-     "the real positions."),
-    ("no positions", "the positional encoding is not applied: without it the encoder cannot "
-     "tell one order of the tokens from another; add self.positions(...) after the "
-     "embedding."),
-    ("scale after positions", "the sqrt(d_model) scale multiplies the positional encoding "
-     "too: scale the embeddings, then add the positions."),
+def _classifier(variant=None, **options):
+    return type("EncoderClassifier", (_Classifier,), {"variant": variant, **options})
+
+
+_CLASSIFIER = {
+    "no mask": "the encoder layers attend to padding: pass the padding mask "
+    "(tokens != pad_id)[:, None, None, :] to every layer, layer(x, mask).",
+    "inverted mask": "the padding mask is inverted: it is True at padding. In the book True "
+    "means 'may attend', so real tokens are True (tokens != pad_id).",
+    "mask on queries": "the padding mask is on the query axis, (B, 1, L, 1): padding hides "
+    "keys, the last axis, (B, 1, 1, L).",
+    "mean over all": "the mean runs over every position, padding included: sum the real "
+    "positions only and divide by their number, so that padding does not dilute it.",
+    "sum": "you sum over the real positions without dividing by their number: take the mean, "
+    "so that long and short sequences are on the same scale.",
+    "first": "you classify from the first position only: pool with the mean over all real "
+    "positions.",
+    "last": "you classify from the last position, which is padding in every padded row: pool "
+    "with the mean over the real positions.",
+    "max": "you pool with the maximum over positions: the exercise asks for the mean over the "
+    "real positions.",
+    "no positions": "the positional encoding is not applied: without it the encoder cannot "
+    "tell one order of the tokens from another; add self.positions(...) after the embedding.",
+    "scale after positions": "the sqrt(d_model) scale multiplies the positional encoding too: "
+    "scale the embeddings, then add the positions.",
+}
+_CLASSIFIER_MISTAKES = [Mistake(message, _classifier(variant)) for variant, message in _CLASSIFIER.items()]
+_CLASSIFIER_CAUGHT = [
+    Caught(_classifier("mean with max_len"), "differ from classifier"),
+    Caught(_classifier(repeat=True), "the same EncoderLayer object"),
+    Caught(_classifier(torch_layers=True), "holds TransformerEncoderLayer"),
+    Caught(_classifier(positions_attr=False), "no submodule `positions`"),
+    Caught(_classifier(pass_dropout=False), "pass dropout to"),
+    Caught(_classifier(pass_max_len=False), "max_len=40 was asked for"),
 ]
 
 
-@exercise("7.5", "An encoder-only classifier")
+def _with_weights_of(model, tokens, arguments):
+    """``run`` for a mistake class: built with the same arguments, with the model's weights."""
+
+    def run(wrong_class):
+        twin = wrong_class(*arguments[:2], **arguments[2]).eval()
+        twin.load_state_dict(model.state_dict(), strict=False)
+        return twin(tokens)
+
+    return run
+
+
+def _check_constructor_arguments(EncoderClassifier) -> None:  # noqa: N803
+    """Probe: dropout and max_len reach the submodules that use them."""
+    args = ("EncoderClassifier(11, 3, d_model=8, num_heads=2, num_layers=2, d_ff=16, "
+            "dropout=0.3, max_len=40)")
+    with torch.random.fork_rng():
+        model = call(EncoderClassifier, 11, 3, d_model=8, num_heads=2, num_layers=2, d_ff=16,
+                     dropout=0.3, max_len=40, what=args)
+    rates = sorted({m.p for m in model.modules() if isinstance(m, nn.Dropout)})
+    if rates != [0.3]:
+        fail(f"{args}: its nn.Dropout modules have p = {rates or 'nothing (no dropout at all)'}: "
+             "pass dropout to PositionalEncoding and to every EncoderLayer, so that the "
+             "classifier trains with the dropout it was given.")
+    length = getattr(getattr(model, "positions", None), "max_len", 40)
+    if length != 40:
+        fail(f"{args}: self.positions holds a table for {length} positions, but max_len=40 was "
+             "asked for: pass max_len to PositionalEncoding(d_model, max_len, dropout).")
+
+
+def _classifier_case(EncoderClassifier, number, case) -> None:  # noqa: N803
+    vocab, classes, d_model, heads, layers, d_ff, pad_id, lengths = case
+    kwargs = dict(d_model=d_model, num_heads=heads, num_layers=layers, d_ff=d_ff, pad_id=pad_id)
+    args = (f"EncoderClassifier({vocab}, {classes}, d_model={d_model}, num_heads={heads}, "
+            f"num_layers={layers}, d_ff={d_ff}, pad_id={pad_id})")
+    with torch.random.fork_rng():
+        torch.manual_seed(70 + number)  # the student's initialization, reproducibly
+        model = call(EncoderClassifier, vocab, classes, what=args, **kwargs)
+    model.eval()
+    _classifier_parts(model, vocab, classes, d_model, layers, args)
+    tokens = _classifier_tokens(vocab, pad_id, lengths, seed=number)
+    label = f"{args} on a batch of lengths {lengths}"
+    with torch.no_grad():
+        logits = call(model, tokens.clone(), what=f"{args}(tokens)")
+        logits = expect_shape(logits, (len(lengths), classes), f"the logits of {label}")
+        run = _with_weights_of(model, tokens, (vocab, classes, kwargs))
+        right = [run(_classifier(scale=scale)) for scale in (True, False)]
+        if any(same(logits, r, atol=1e-5, rtol=1e-4) for r in right):
+            return
+        if torch.isnan(logits).any():
+            fail(f"the logits of {label} contain NaN: does a fully masked row or an "
+                 "empty mean (division by zero real tokens) reach them?")
+        name_mistake(logits, _CLASSIFIER_MISTAKES, run=run, prefix=f"{label}: ")
+        longer = _classifier_tokens(vocab, pad_id, lengths, seed=number, extra=3)
+        padded = call(model, longer, what=f"{args}(tokens)")
+        if not same(padded, logits, atol=1e-5, rtol=1e-4):
+            fail(f"{label}: adding three more padding positions to the batch changes the "
+                 "logits: padding must not count, neither in attention (pass the padding "
+                 "mask to every layer) nor in the pooling (mean over real tokens only).")
+        expect_close(logits, right[0], f"the logits of {label} differ from "
+                     "classifier(masked mean of layers(positions(embedding(tokens) * "
+                     "sqrt(d_model)), padding mask))")
+
+
+@exercise("7.5", "An encoder-only classifier",
+          mistakes={"EncoderClassifier": _CLASSIFIER_MISTAKES + _CLASSIFIER_CAUGHT})
 def check_encoder_classifier(EncoderClassifier):  # noqa: N803 - the argument is a class
     """Compare the classifier's logits with its own modules' wiring, on padded batches."""
     expect_class(EncoderClassifier, nn.Module, "your classifier class",
                  "check_encoder_classifier(EncoderClassifier)")
-    for number, (vocab, classes, d_model, heads, layers, d_ff, pad_id, lengths) in enumerate(
-        _CLASSIFIER_CASES
-    ):
-        args = (f"EncoderClassifier({vocab}, {classes}, d_model={d_model}, num_heads={heads}, "
-                f"num_layers={layers}, d_ff={d_ff}, pad_id={pad_id})")
-        with torch.random.fork_rng():
-            torch.manual_seed(70 + number)  # the student's initialization, reproducibly
-            model = call(EncoderClassifier, vocab, classes, d_model=d_model, num_heads=heads,
-                         num_layers=layers, d_ff=d_ff, pad_id=pad_id, what=args)
-        model.eval()
-        parts = _classifier_parts(model, vocab, classes, d_model, layers, args)
-        tokens = _classifier_tokens(vocab, pad_id, lengths, seed=number)
-        label = f"{args} on a batch of lengths {lengths}"
-        with torch.no_grad():
-            logits = call(model, tokens.clone(), what=f"{args}(tokens)")
-            logits = expect_shape(logits, (len(lengths), classes), f"the logits of {label}")
-            right = [_classifier_variant(parts, tokens, pad_id, d_model, variant)
-                     for variant in (None, "unscaled")]
-            if any(same(logits, r, atol=1e-5, rtol=1e-4) for r in right):
-                continue
-            if torch.isnan(logits).any():
-                fail(f"the logits of {label} contain NaN: does a fully masked row or an "
-                     "empty mean (division by zero real tokens) reach them?")
-            diagnose(
-                logits,
-                [
-                    (_classifier_variant(parts, tokens, pad_id, d_model, variant),
-                     f"{label}: {message}")
-                    for variant, message in _CLASSIFIER_MISTAKES
-                ],
-                atol=1e-5,
-                rtol=1e-4,
-            )
-            longer = _classifier_tokens(vocab, pad_id, lengths, seed=number, extra=3)
-            padded = call(model, longer, what=f"{args}(tokens)")
-            if not same(padded, logits, atol=1e-5, rtol=1e-4):
-                fail(f"{label}: adding three more padding positions to the batch changes the "
-                     "logits: padding must not count, neither in attention (pass the padding "
-                     "mask to every layer) nor in the pooling (mean over real tokens only).")
-            expect_close(logits, right[0], f"the logits of {label} differ from "
-                         "classifier(masked mean of layers(positions(embedding(tokens) * "
-                         "sqrt(d_model)), padding mask))")
+    for number, case in enumerate(_CLASSIFIER_CASES):
+        _classifier_case(EncoderClassifier, number, case)
+    _check_constructor_arguments(EncoderClassifier)
