@@ -141,32 +141,32 @@ def _sources(seed=1):
 
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_cached_decode_gives_the_same_tokens_and_logits(norm_first):
-    from transformer_book.decoding import greedy_decode
-    from transformer_book.model import greedy_decode as chapter7
+    from transformer_book import greedy_decode
 
     model, src = _model(norm_first), _sources()
-    probe = greedy_decode(model, src, 1, -1, 12)
+    probe = greedy_decode(model, src, 1, -1, 12, use_cache=True)
     eos = int(probe[:, 1:].flatten().mode().values)  # makes some sequences end early
-    cached, cached_logits = greedy_decode(model, src, 1, eos, 12, return_logits=True)
+    cached, cached_logits = greedy_decode(model, src, 1, eos, 12, use_cache=True,
+                                          return_logits=True)
     plain, plain_logits = greedy_decode(
         model, src, 1, eos, 12, use_cache=False, return_logits=True
     )
     assert (cached == eos).any(dim=1).any()
     assert torch.equal(cached, plain)
-    assert torch.equal(cached, chapter7(model, src, 1, eos, 12))
+    assert torch.equal(cached, greedy_decode(model, src, 1, eos, 12))  # default: no cache
     torch.testing.assert_close(cached_logits, plain_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_top_level_greedy_decode_is_the_cached_one_and_chapter_7s_still_imports():
+def test_there_is_one_greedy_decode_chapter_7s_extended_by_chapter_8():
     import transformer_book
     from transformer_book import decoding, model
 
-    assert transformer_book.greedy_decode is decoding.greedy_decode
-    assert callable(model.greedy_decode)
+    assert transformer_book.greedy_decode is model.greedy_decode
+    assert not hasattr(decoding, "greedy_decode")
 
 
 def test_greedy_decode_restores_training_mode_and_refuses_max_len_0():
-    from transformer_book.decoding import greedy_decode
+    from transformer_book import greedy_decode
 
     model = _model().train()
     greedy_decode(model, _sources(), 1, 2, 4)

@@ -210,3 +210,17 @@ def test_the_notebook_decorator_does_what_the_generated_module_does():
 
     assert Layer().forward(1) == 2
 
+
+
+def test_the_package_has_one_multi_head_attention_with_chapter_8s_cache():
+    import inspect
+
+    import transformer_book
+    from transformer_book import multihead
+
+    assert transformer_book.MultiHeadAttention is multihead.MultiHeadAttention
+    parameters = inspect.signature(multihead.MultiHeadAttention.forward).parameters
+    assert "cache" in parameters and "need_weights" in parameters
+    source = (ROOT / "transformer_book" / "multihead.py").read_text()
+    assert source.count("class MultiHeadAttention") == 1
+    assert "# added by book/08_fast_decoding.ipynb" in source
