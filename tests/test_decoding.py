@@ -236,3 +236,37 @@ def test_use_fused_attention_switches_every_module_and_keeps_the_outputs():
     with torch.no_grad():
         model(src, tgt)
     assert model.decoder.layers[-1].cross_attn.attention_weights.shape == (6, 4, 5, 9)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_preallocated_cache_gives_the_same_tokens_and_never_reallocates(norm_first):
+    from transformer_book import greedy_decode
+
+    model, src = _model(norm_first), _sources()
+    plain, plain_logits = greedy_decode(model, src, 1, -1, 12, return_logits=True)
+    pre, pre_logits = greedy_decode(model, src, 1, -1, 12, use_cache=True,
+                                    preallocate=True, return_logits=True)
+    assert torch.equal(pre, plain)
+    torch.testing.assert_close(pre_logits, plain_logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        memory = model.encode(src)
+        cache: dict = {"capacity": 8}
+        model.decode(plain[:, :3], memory, src, cache)  # a chunk of 3, then single steps
+        buffer = cache[0]["self"]["k"]
+        assert buffer.shape == (6, 4, 8, 8)
+        for t in range(3, 8):
+            model.decode(plain[:, t : t + 1], memory, src, cache)
+            assert cache[0]["self"]["k"].data_ptr() == buffer.data_ptr()
+        with pytest.raises(ValueError, match="the cache holds 8 positions"):
+            model.decode(plain[:, 8:9], memory, src, cache)
+
+
+def test_cache_nbytes_counts_the_preallocated_buffers():
+    from transformer_book.decoding import cache_nbytes
+
+    model, src = _model(), _sources()
+    with torch.no_grad():
+        memory = model.encode(src)
+        cache: dict = {"capacity": 10}
+        model.decode(torch.randint(3, 11, (6, 4)), memory, src, cache)
+    assert cache_nbytes(cache) == 2 * 2 * 6 * (10 + 9) * 32 * 4

@@ -70,17 +70,36 @@ class MultiHeadAttention(nn.Module):
 
     # added by book/08_fast_decoding.ipynb
     def _keys_values(self, key, value, cache):
-        """This call's keys and values, (B, heads, Lk, d_head) each, through the cache."""
+        """This call's keys and values, (B, heads, Lk, d_head) each, through the cache.
+
+        With cache["capacity"], the self-attention cache is allocated once for that many
+        positions and written in place; without, new positions are appended by torch.cat.
+        """
         if cache is not None and cache.get("static") and "k" in cache:
             return cache["k"], cache["v"]  # the memory's keys and values, made once
         k = split_heads(self.w_k(key), self.num_heads)  # (B, heads, L_new, d_head)
         v = split_heads(self.w_v(value), self.num_heads)  # (B, heads, L_new, d_head)
-        if cache is not None:
-            if "k" in cache:  # append the new positions after the cached ones
+        if cache is None:
+            return k, v
+        if not cache.get("capacity"):  # a growing cache: append, copying the old part
+            if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)  # (B, heads, Lk, d_head)
                 v = torch.cat([cache["v"], v], dim=2)  # (B, heads, Lk, d_head)
             cache["k"], cache["v"] = k, v
-        return k, v
+            return k, v
+        start = cache.get("length", 0)  # positions already written
+        end = start + k.size(2)
+        if "k" not in cache:  # the first call allocates for the longest sequence
+            shape = (k.size(0), k.size(1), cache["capacity"], k.size(3))
+            cache["k"], cache["v"] = k.new_empty(shape), v.new_empty(shape)
+        if end > cache["k"].size(2):
+            raise ValueError(
+                f"the cache holds {cache['k'].size(2)} positions; this call needs {end}."
+            )
+        cache["k"][:, :, start:end] = k  # written in place, (B, heads, L_new, d_head)
+        cache["v"][:, :, start:end] = v
+        cache["length"] = end
+        return cache["k"][:, :, :end], cache["v"][:, :, :end]  # views: nothing copied
 
     # added by book/08_fast_decoding.ipynb
     def _fused(self, q, k, v, mask):

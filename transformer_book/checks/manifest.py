@@ -341,6 +341,17 @@ NOTEBOOKS = {
                     "title": "The size of a grouped-query cache"
                 }
             ]
+        },
+        {
+            "source": "check_chunk_step(chunk_step)",
+            "exercises": [
+                {
+                    "check": "check_chunk_step",
+                    "module": "transformer_book.checks.ch08",
+                    "number": "8.5",
+                    "title": "Chunked prefill: several new queries after the cache"
+                }
+            ]
         }
     ]
 }
