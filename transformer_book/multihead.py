@@ -53,6 +53,10 @@ class MultiHeadAttention(nn.Module):
 
     # added by book/08_fast_decoding.ipynb
     def forward(self, query, key, value, mask=None, need_weights=None, cache=None):
+        """Chapter 3's forward with two optional arguments: cache, a dict that keeps this
+        module's keys and values between decoding steps (see _keys_values), and
+        need_weights=False (or self.need_weights = False), which runs the heads through
+        F.scaled_dot_product_attention; .attention_weights is then None."""
         q = split_heads(self.w_q(query), self.num_heads)  # (B, heads, Lq, d_head)
         k, v = self._keys_values(key, value, cache)  # (B, heads, Lk, d_head) each
         if need_weights is None:
