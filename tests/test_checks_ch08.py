@@ -10,6 +10,7 @@ from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch08 import (
     check_chunk_step,
     check_cross_attention_step,
+    check_grouped_query_step,
     check_kv_cache_bytes,
     check_self_attention_step,
     check_sliding_window_step,
@@ -273,3 +274,48 @@ def test_check_leaves_the_chapters_module_working():
     assert MultiHeadAttention.forward is forward
     module = MultiHeadAttention(8, 2)
     assert module(torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8)).shape == (1, 3, 8)
+
+
+# ----------------------------------------------------------------------------- 8.6
+
+
+def _grouped_step(expand_first=False, tile=False, call_module=False):
+    """A wrong answer family for 8.6 (no option: the right answer)."""
+
+    def grouped_query_step(query, key, value, cache):
+        group = query.size(1) // key.size(1)
+        if expand_first:  # repeats before caching: the cache is as large as MHA's
+            key, value = (x.repeat_interleave(group, dim=1) for x in (key, value))
+        if "k" in cache:
+            key = torch.cat([cache["k"], key], dim=2)
+            value = torch.cat([cache["v"], value], dim=2)
+        cache["k"], cache["v"] = key, value
+        if call_module:
+            from transformer_book.multihead import MultiHeadAttention
+
+            MultiHeadAttention.forward(None, query, key, value)
+        if not expand_first:
+            spread = (lambda x: x.repeat(1, group, 1, 1)) if tile else (
+                lambda x: x.repeat_interleave(group, dim=1))
+            key, value = spread(key), spread(value)
+        return F.scaled_dot_product_attention(query, key, value)
+
+    return grouped_query_step
+
+
+def test_grouped_query_step_passes_when_correct():
+    check_grouped_query_step(_grouped_step())
+
+
+GROUPED_MISTAKES = {
+    "repeats before caching": (_grouped_step(expand_first=True), "before they were cached"),
+    "tiles the heads": (_grouped_step(tile=True), "repeat_interleave"),
+    "the chapter's module": (_grouped_step(call_module=True), "not with the chapter's"),
+}
+
+
+@pytest.mark.parametrize("mistake", GROUPED_MISTAKES)
+def test_grouped_query_step_names_the_mistake(mistake):
+    wrong, message = GROUPED_MISTAKES[mistake]
+    with pytest.raises(CheckFailure, match=message):
+        check_grouped_query_step(wrong)

@@ -490,3 +490,75 @@ def _diagnose_chunk(out, q, k, v, start, end, where):
         f"your output {where} differs from rows {start} ... {end - 1} of causal "
         "attention over the whole sequence."
     )
+
+
+# ----------------------------------------------------------------------------- 8.6
+
+
+def _grouped_reference(q, k, v):
+    """Causal grouped-query attention: query head i reads key/value head i // (h / g)."""
+    group = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return _attend(q, k, v, is_causal_mask(q.size(2)))
+
+
+@exercise("8.6", "A grouped-query step with a smaller cache")
+def check_grouped_query_step(grouped_query_step):
+    expect_callable(
+        grouped_query_step, "your step function", "check_grouped_query_step(grouped_query_step)"
+    )
+    message = (
+        "write the grouped step yourself (F.scaled_dot_product_attention is fine), not "
+        "with the chapter's MultiHeadAttention, which has as many key/value heads as "
+        "query heads."
+    )
+    generator = torch.Generator().manual_seed(86)
+    for batch, heads, kv_heads, length, d_head in [
+        (2, 4, 2, 5, 3),
+        (1, 6, 3, 4, 4),
+        (2, 4, 1, 3, 2),  # multi-query
+        (1, 2, 2, 3, 4),  # as many key/value heads as query heads
+    ]:
+        q = torch.randn(batch, heads, length, d_head, generator=generator)
+        k = torch.randn(batch, kv_heads, length, d_head, generator=generator)
+        v = torch.randn(batch, kv_heads, length, d_head, generator=generator)
+        expected = _grouped_reference(q, k, v)  # (B, h, L, d_head)
+        cache: dict = {}
+        for t in range(length):
+            where = f"at step {t} ({heads} query heads, {kv_heads} key/value heads)"
+            args = [x[:, :, t : t + 1].clone() for x in (q, k, v)]
+            with refused_calls([grouped_query_step], _chapter_attention(), message):
+                out = call(grouped_query_step, *args, cache, what="grouped_query_step")
+            if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
+                fail(f"after the step {where} the cache has no 'k' and 'v' entries.")
+            held = expect_tensor(cache["k"], f"cache['k'] {where}")
+            shape = (batch, kv_heads, t + 1, d_head)
+            if tuple(held.shape) == (batch, heads, t + 1, d_head) and heads != kv_heads:
+                fail(
+                    f"cache['k'] {where} holds {heads} heads, one per query head: the "
+                    "keys were repeated for the query heads before they were cached, so "
+                    "the cache is as large as multi-head attention's. Cache the "
+                    f"{kv_heads} key/value heads and repeat them only to attend."
+                )
+            if tuple(held.shape) != shape or not same(held, k[:, :, : t + 1]):
+                fail(
+                    f"cache['k'] {where} should hold the keys of positions 0 ... {t}, "
+                    f"shape {shape}, in order; got {tuple(held.shape)}."
+                )
+            out = expect_shape(out, (batch, heads, 1, d_head), f"your output {where}")
+            if same(out, expected[:, :, t : t + 1]):
+                continue
+            group = heads // kv_heads
+            tiled = _attend(q[:, :, t : t + 1], k[:, :, : t + 1].repeat(1, group, 1, 1),
+                            v[:, :, : t + 1].repeat(1, group, 1, 1))
+            if group > 1 and kv_heads > 1 and same(out, tiled):
+                fail(
+                    f"your output {where} pairs query head i with key/value head "
+                    f"i % {kv_heads} (`repeat`, which tiles the heads): the query heads "
+                    f"of a group are neighbours, head i reads key/value head i // "
+                    f"{group} (`repeat_interleave(..., dim=1)`)."
+                )
+            fail(
+                f"your output {where} differs from attention of each query head over "
+                "its group's cached keys and values."
+            )

@@ -352,6 +352,17 @@ NOTEBOOKS = {
                     "title": "Chunked prefill: several new queries after the cache"
                 }
             ]
+        },
+        {
+            "source": "check_grouped_query_step(grouped_query_step)",
+            "exercises": [
+                {
+                    "check": "check_grouped_query_step",
+                    "module": "transformer_book.checks.ch08",
+                    "number": "8.6",
+                    "title": "A grouped-query step with a smaller cache"
+                }
+            ]
         }
     ]
 }
