@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch08 import (
+    check_chunk_step,
     check_cross_attention_step,
+    check_grouped_query_step,
     check_kv_cache_bytes,
     check_self_attention_step,
     check_sliding_window_step,
@@ -76,12 +78,16 @@ def test_self_attention_step_without_a_cache_entry():
 # ----------------------------------------------------------------------------- 8.2
 
 
-def _cross_step(recompute=False, mask=None, project_out=True, call_module=False):
+def _cross_step(recompute=False, mask=None, project_out=True, call_module=False,
+                call_class=False):
     """A wrong answer family for 8.2."""
 
     def cross_attention_step(mha, x, memory, cache):
         if call_module:
             return mha(x, memory, memory)
+        if call_class:  # the chapter's own module, reached through the class
+            cache["static"] = True
+            return type(mha).forward(mha, x, memory, memory, cache=cache)
         if recompute or "k" not in cache:
             cache["k"] = split_heads(mha.w_k(memory), mha.num_heads)
             cache["v"] = split_heads(mha.w_v(memory), mha.num_heads)
@@ -111,6 +117,10 @@ CROSS_MISTAKES = {
     ),
     "no output projection": (_cross_step(project_out=False), "skips the output projection"),
     "calls the module": (_cross_step(call_module=True), r"rather than mha\(\.\.\.\)"),
+    "calls the class's forward": (
+        _cross_step(call_class=True),
+        "the chapter's MultiHeadAttention methods",
+    ),
 }
 
 
@@ -193,3 +203,119 @@ def test_kv_cache_bytes_names_the_mistake(mistake):
 def test_kv_cache_bytes_wants_an_int():
     with pytest.raises(CheckFailure, match="should return an int"):
         check_kv_cache_bytes(lambda *args: "a lot")
+
+
+# ----------------------------------------------------------------------------- 8.5
+
+
+def _chunk_step(mask="bottom right", scale=None, chunk_only=False, call_module=False):
+    """A wrong answer family for 8.5 (mask="bottom right" is the right answer)."""
+
+    def chunk_step(query, key, value, cache):
+        new_k, new_v = key, value
+        if "k" in cache:
+            key = torch.cat([cache["k"], key], dim=2)
+            value = torch.cat([cache["v"], value], dim=2)
+        cache["k"], cache["v"] = key, value
+        n, total = query.size(2), key.size(2)
+        if call_module:
+            from transformer_book import MultiHeadAttention
+
+            MultiHeadAttention._keys_values(None, key, value, {"static": True, "k": key})
+        if chunk_only:
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            return F.scaled_dot_product_attention(query, new_k, new_v, attn_mask=causal)
+        if mask == "top left":
+            return F.scaled_dot_product_attention(query, key, value, is_causal=True)
+        if mask is None:
+            return F.scaled_dot_product_attention(query, key, value)
+        positions = torch.arange(total)
+        m = positions <= positions[total - n :, None]
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=m, scale=scale)
+
+    return chunk_step
+
+
+def test_chunk_step_passes_when_correct():
+    check_chunk_step(_chunk_step())
+
+
+CHUNK_MISTAKES = {
+    "is_causal=True": (_chunk_step(mask="top left"), "aligned to the top left"),
+    "no mask": (_chunk_step(mask=None), "later positions of the same chunk"),
+    "the chunk only": (_chunk_step(chunk_only=True), "attends within the chunk only"),
+    "unscaled": (_chunk_step(scale=1.0), "unscaled"),
+    "the chapter's module": (_chunk_step(call_module=True), "not with the chapter's"),
+}
+
+
+@pytest.mark.parametrize("mistake", CHUNK_MISTAKES)
+def test_chunk_step_names_the_mistake(mistake):
+    wrong, message = CHUNK_MISTAKES[mistake]
+    with pytest.raises(CheckFailure, match=message):
+        check_chunk_step(wrong)
+
+
+def test_chunk_step_refuses_a_cache_that_forgets():
+    def forgets(query, key, value, cache):
+        cache["k"], cache["v"] = key, value  # only the chunk
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True)
+
+    with pytest.raises(CheckFailure, match="append the chunk along axis 2"):
+        check_chunk_step(forgets)
+
+
+def test_check_leaves_the_chapters_module_working():
+    from transformer_book import MultiHeadAttention
+
+    forward = MultiHeadAttention.forward
+    with pytest.raises(CheckFailure):
+        check_chunk_step(_chunk_step(call_module=True))
+    assert MultiHeadAttention.forward is forward
+    module = MultiHeadAttention(8, 2)
+    assert module(torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8)).shape == (1, 3, 8)
+
+
+# ----------------------------------------------------------------------------- 8.6
+
+
+def _grouped_step(expand_first=False, tile=False, call_module=False):
+    """A wrong answer family for 8.6 (no option: the right answer)."""
+
+    def grouped_query_step(query, key, value, cache):
+        group = query.size(1) // key.size(1)
+        if expand_first:  # repeats before caching: the cache is as large as MHA's
+            key, value = (x.repeat_interleave(group, dim=1) for x in (key, value))
+        if "k" in cache:
+            key = torch.cat([cache["k"], key], dim=2)
+            value = torch.cat([cache["v"], value], dim=2)
+        cache["k"], cache["v"] = key, value
+        if call_module:
+            from transformer_book.multihead import MultiHeadAttention
+
+            MultiHeadAttention.forward(None, query, key, value)
+        if not expand_first:
+            spread = (lambda x: x.repeat(1, group, 1, 1)) if tile else (
+                lambda x: x.repeat_interleave(group, dim=1))
+            key, value = spread(key), spread(value)
+        return F.scaled_dot_product_attention(query, key, value)
+
+    return grouped_query_step
+
+
+def test_grouped_query_step_passes_when_correct():
+    check_grouped_query_step(_grouped_step())
+
+
+GROUPED_MISTAKES = {
+    "repeats before caching": (_grouped_step(expand_first=True), "before they were cached"),
+    "tiles the heads": (_grouped_step(tile=True), "repeat_interleave"),
+    "the chapter's module": (_grouped_step(call_module=True), "not with the chapter's"),
+}
+
+
+@pytest.mark.parametrize("mistake", GROUPED_MISTAKES)
+def test_grouped_query_step_names_the_mistake(mistake):
+    wrong, message = GROUPED_MISTAKES[mistake]
+    with pytest.raises(CheckFailure, match=message):
+        check_grouped_query_step(wrong)

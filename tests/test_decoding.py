@@ -141,32 +141,32 @@ def _sources(seed=1):
 
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_cached_decode_gives_the_same_tokens_and_logits(norm_first):
-    from transformer_book.decoding import greedy_decode
-    from transformer_book.model import greedy_decode as chapter7
+    from transformer_book import greedy_decode
 
     model, src = _model(norm_first), _sources()
-    probe = greedy_decode(model, src, 1, -1, 12)
+    probe = greedy_decode(model, src, 1, -1, 12, use_cache=True)
     eos = int(probe[:, 1:].flatten().mode().values)  # makes some sequences end early
-    cached, cached_logits = greedy_decode(model, src, 1, eos, 12, return_logits=True)
+    cached, cached_logits = greedy_decode(model, src, 1, eos, 12, use_cache=True,
+                                          return_logits=True)
     plain, plain_logits = greedy_decode(
         model, src, 1, eos, 12, use_cache=False, return_logits=True
     )
     assert (cached == eos).any(dim=1).any()
     assert torch.equal(cached, plain)
-    assert torch.equal(cached, chapter7(model, src, 1, eos, 12))
+    assert torch.equal(cached, greedy_decode(model, src, 1, eos, 12))  # default: no cache
     torch.testing.assert_close(cached_logits, plain_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_top_level_greedy_decode_is_the_cached_one_and_chapter_7s_still_imports():
+def test_there_is_one_greedy_decode_chapter_7s_extended_by_chapter_8():
     import transformer_book
     from transformer_book import decoding, model
 
-    assert transformer_book.greedy_decode is decoding.greedy_decode
-    assert callable(model.greedy_decode)
+    assert transformer_book.greedy_decode is model.greedy_decode
+    assert not hasattr(decoding, "greedy_decode")
 
 
 def test_greedy_decode_restores_training_mode_and_refuses_max_len_0():
-    from transformer_book.decoding import greedy_decode
+    from transformer_book import greedy_decode
 
     model = _model().train()
     greedy_decode(model, _sources(), 1, 2, 4)
@@ -236,3 +236,37 @@ def test_use_fused_attention_switches_every_module_and_keeps_the_outputs():
     with torch.no_grad():
         model(src, tgt)
     assert model.decoder.layers[-1].cross_attn.attention_weights.shape == (6, 4, 5, 9)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_preallocated_cache_gives_the_same_tokens_and_never_reallocates(norm_first):
+    from transformer_book import greedy_decode
+
+    model, src = _model(norm_first), _sources()
+    plain, plain_logits = greedy_decode(model, src, 1, -1, 12, return_logits=True)
+    pre, pre_logits = greedy_decode(model, src, 1, -1, 12, use_cache=True,
+                                    preallocate=True, return_logits=True)
+    assert torch.equal(pre, plain)
+    torch.testing.assert_close(pre_logits, plain_logits, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        memory = model.encode(src)
+        cache: dict = {"capacity": 8}
+        model.decode(plain[:, :3], memory, src, cache)  # a chunk of 3, then single steps
+        buffer = cache[0]["self"]["k"]
+        assert buffer.shape == (6, 4, 8, 8)
+        for t in range(3, 8):
+            model.decode(plain[:, t : t + 1], memory, src, cache)
+            assert cache[0]["self"]["k"].data_ptr() == buffer.data_ptr()
+        with pytest.raises(ValueError, match="the cache holds 8 positions"):
+            model.decode(plain[:, 8:9], memory, src, cache)
+
+
+def test_cache_nbytes_counts_the_preallocated_buffers():
+    from transformer_book.decoding import cache_nbytes
+
+    model, src = _model(), _sources()
+    with torch.no_grad():
+        memory = model.encode(src)
+        cache: dict = {"capacity": 10}
+        model.decode(torch.randint(3, 11, (6, 4)), memory, src, cache)
+    assert cache_nbytes(cache) == 2 * 2 * 6 * (10 + 9) * 32 * 4

@@ -129,3 +129,98 @@ def test_an_old_combined_setup_cell_is_split_and_a_missing_one_added():
     bare.cells = [nbformat.v4.new_code_cell("import torch")]
     added = generate.with_setup(bare, url, Path("x.ipynb"))
     assert [c.source for c in added.cells] == [generate.setup_region(url), "import torch"]
+
+
+CHAPTER_A = '''import torch
+
+
+class Layer(torch.nn.Module):
+    """Built in chapter A."""
+
+    def forward(self, x):
+        return x
+
+
+def decode(x):
+    return "A"'''
+
+CHAPTER_B = '''from transformer_book.extend import add_to_class
+
+
+@add_to_class(Layer)
+def forward(self, x, cache=None):
+    return x if cache is None else x + cache
+
+
+@add_to_class(Layer)
+def reset(self):
+    return "reset"
+
+
+def decode(x, cache=None):
+    return "B"'''
+
+
+def test_a_later_chapter_adds_to_an_earlier_class_and_the_module_has_one_of_each():
+    text = generate.render_module(
+        "demo", [("book/01.ipynb", CHAPTER_A), ("book/02.ipynb", CHAPTER_B)]
+    )
+    assert "add_to_class" not in text, "the module has the methods in place"
+    assert text.count("def forward") == 1 and text.count("def decode") == 1
+    assert "# added by book/02.ipynb" in text
+    namespace: dict = {}
+    exec(compile(text, "demo.py", "exec"), namespace)
+    layer = namespace["Layer"]()
+    assert layer.forward(1, cache=2) == 3 and layer.reset() == "reset"
+    assert namespace["decode"](0) == "B"
+    # a third chapter replacing the same method again: still one, the last one
+    third = "@add_to_class(Layer)\ndef forward(self, x, cache=None):\n    return -x"
+    text = generate.render_module(
+        "demo", [("book/01.ipynb", CHAPTER_A), ("book/02.ipynb", CHAPTER_B),
+                 ("book/03.ipynb", third)]
+    )
+    assert text.count("def forward") == 1 and text.count("# added by") == 2
+    exec(compile(text, "demo.py", "exec"), namespace)
+    assert namespace["Layer"]().forward(4) == -4
+
+
+def test_add_to_class_needs_the_class_in_the_same_module_and_an_exported_cell():
+    with pytest.raises(SystemExit, match="no earlier '#| export demo' cell defines class Layer"):
+        generate.render_module("demo", [("book/02.ipynb", CHAPTER_B)])
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(CHAPTER_B)]
+    with pytest.raises(SystemExit, match="not exported uses @add_to_class"):
+        generate.split_exports(nb, Path("book/02.ipynb"))
+    redefined = "class Layer:\n    pass"
+    with pytest.raises(SystemExit, match="redefines class Layer"):
+        generate.render_module("demo", [("book/01.ipynb", CHAPTER_A),
+                                        ("book/02.ipynb", redefined)])
+
+
+def test_the_notebook_decorator_does_what_the_generated_module_does():
+    from transformer_book.extend import add_to_class
+
+    class Layer:
+        def forward(self, x):
+            return x
+
+    @add_to_class(Layer)
+    def forward(self, x, cache=None):
+        return x + 1
+
+    assert Layer().forward(1) == 2
+
+
+
+def test_the_package_has_one_multi_head_attention_with_chapter_8s_cache():
+    import inspect
+
+    import transformer_book
+    from transformer_book import multihead
+
+    assert transformer_book.MultiHeadAttention is multihead.MultiHeadAttention
+    parameters = inspect.signature(multihead.MultiHeadAttention.forward).parameters
+    assert "cache" in parameters and "need_weights" in parameters
+    source = (ROOT / "transformer_book" / "multihead.py").read_text()
+    assert source.count("class MultiHeadAttention") == 1
+    assert "# added by book/08_fast_decoding.ipynb" in source

@@ -4,7 +4,7 @@
     python tools/benchmark_transformer.py --d-model 64 --d-ff 128   # the chapter's models
     python tools/benchmark_transformer.py --device cuda --repeats 50
 
-"The same model from torch.nn parts" is two nn.Embedding (scaled by sqrt(d_model), plus
+"The same model from torch.nn parts" is chapter 7's TorchParts: two nn.Embedding (scaled by sqrt(d_model), plus
 the same sinusoidal table), nn.Transformer(batch_first=True) with the two final
 LayerNorms it adds to post-LN stacks removed (our post-LN model, like the paper, has
 none), and an nn.Linear. Both get the same weights (checked: same logits) and the same
@@ -19,52 +19,27 @@ never fails.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import torch.nn.functional as F
 from benchmark_mha import alternated_medians  # tools/ is on the path of a script run
-from torch import nn
 
-from transformer_book.masking import causal_mask
-from transformer_book.model import Transformer, copy_torch_transformer_weights
+from transformer_book.model import TorchParts, Transformer, copy_torch_transformer_weights
 
 PAD = 0
 
 
-class TorchParts(nn.Module):
-    """Our post-LN architecture from torch.nn parts, with the weights of `ours`."""
-
-    def __init__(self, ours: Transformer, num_heads: int, d_ff: int):
-        super().__init__()
-        self.d_model = ours.d_model
-        self.src_embed = nn.Embedding(*ours.src_embed.weight.shape)
-        self.tgt_embed = nn.Embedding(*ours.tgt_embed.weight.shape)
-        self.register_buffer("table", ours.positions.table.clone(), persistent=False)
-        self.transformer = nn.Transformer(
-            ours.d_model, num_heads, len(ours.encoder.layers), len(ours.decoder.layers),
-            d_ff, dropout=0.0, batch_first=True,
-        )
-        self.transformer.encoder.norm = None  # nn.Transformer adds them; the paper does not
-        self.transformer.decoder.norm = None
-        self.generator = nn.Linear(ours.d_model, ours.generator.out_features)
-        # weights: the stacks go torch -> ours, embeddings and output layer ours -> torch
-        copy_torch_transformer_weights(ours.encoder, self.transformer.encoder)
-        copy_torch_transformer_weights(ours.decoder, self.transformer.decoder)
-        for name in ("src_embed", "tgt_embed", "generator"):
-            getattr(self, name).load_state_dict(getattr(ours, name).state_dict())
-
-    def forward(self, src, tgt):
-        scale = math.sqrt(self.d_model)
-        x = self.src_embed(src) * scale + self.table[: src.size(1)]  # (B, L_src, d_model)
-        y = self.tgt_embed(tgt) * scale + self.table[: tgt.size(1)]  # (B, L_tgt, d_model)
-        pad_src, pad_tgt = src == PAD, tgt == PAD  # torch.nn: True = may not attend
-        out = self.transformer(
-            x, y, tgt_mask=~causal_mask(tgt.size(1), tgt.device),
-            src_key_padding_mask=pad_src, tgt_key_padding_mask=pad_tgt,
-            memory_key_padding_mask=pad_src,
-        )
-        return self.generator(out)  # (B, L_tgt, tgt_vocab_size)
+def torch_build(ours: Transformer, num_heads: int, d_ff: int) -> TorchParts:
+    """Chapter 7's TorchParts (the course's one torch.nn build) with the weights of `ours`."""
+    theirs = TorchParts(ours.src_embed.num_embeddings, ours.generator.out_features,
+                        ours.d_model, num_heads, len(ours.encoder.layers), d_ff,
+                        dropout=0.0, pad_id=PAD)
+    # the stacks go torch -> ours, embeddings and output layer ours -> torch
+    copy_torch_transformer_weights(ours.encoder, theirs.transformer.encoder)
+    copy_torch_transformer_weights(ours.decoder, theirs.transformer.decoder)
+    for name in ("src_embed", "tgt_embed", "generator"):
+        getattr(theirs, name).load_state_dict(getattr(ours, name).state_dict())
+    return theirs
 
 
 def random_batch(batch, length, vocab, device, generator):
@@ -112,7 +87,7 @@ def main(argv: list[str] | None = None) -> float:
     torch.manual_seed(0)
     ours = Transformer(args.vocab, args.vocab, args.d_model, args.heads, args.layers,
                        args.layers, args.d_ff, dropout=0.0)
-    theirs = TorchParts(ours, args.heads, args.d_ff)
+    theirs = torch_build(ours, args.heads, args.d_ff)
     ours, theirs = ours.to(args.device).train(), theirs.to(args.device).train()
     generator = torch.Generator().manual_seed(1)
     src = random_batch(args.batch, args.length, args.vocab, args.device, generator)

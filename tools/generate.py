@@ -9,7 +9,12 @@ What it derives, and from what:
    does not show it), from the repository URL in ``_config.yml`` (the one place that
    URL is written).
 2. The package modules ``transformer_book/<module>.py``, from the cells of
-   ``book/NN_*.ipynb`` whose first line is ``#| export <module>``.
+   ``book/NN_*.ipynb`` whose first line is ``#| export <module>``. A later chapter
+   extends an earlier chapter's class in its own cells: a function decorated
+   ``@add_to_class(Name)`` (``transformer_book.extend``) is written into the body of
+   ``class Name`` of the same module (replacing a method of the same name), and a
+   top-level function or class defined again by a later cell replaces the earlier
+   definition. The module thus holds one class, one function, per name.
 3. The student notebooks ``exercises/NN_*.ipynb``, from ``solutions/NN_*.ipynb``:
    every ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region becomes
    ``# YOUR CODE HERE`` + ``raise NotImplementedError()``, and outputs are cleared.
@@ -130,9 +135,129 @@ def split_exports(nb, path: Path) -> dict[str, list[str]]:
         match = EXPORT_RE.match(first)
         if match:
             exports[match.group(1)].append(rest.strip("\n"))
+        elif f"@{ADD_TO_CLASS}(" in cell.source:
+            raise SystemExit(
+                f"{path}: a cell that is not exported uses @{ADD_TO_CLASS}; the package "
+                f"would lack what the chapter adds: mark it '#| export MODULE'"
+            )
         elif first.startswith("#|") and "export" in first:
             raise SystemExit(f"{path}: malformed export marker {first!r}; use '#| export module'")
     return exports
+
+
+ADD_TO_CLASS = "add_to_class"
+ADD_TO_CLASS_IMPORT = f"from transformer_book.extend import {ADD_TO_CLASS}"
+
+
+def _added_to(node) -> str | None:
+    """The class name X of a top-level ``@add_to_class(X)`` function, else None."""
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    for decorator in node.decorator_list:
+        if (isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Name)
+                and decorator.func.id == ADD_TO_CLASS):
+            if len(decorator.args) != 1 or not isinstance(decorator.args[0], ast.Name):
+                raise ValueError(f"@{ADD_TO_CLASS} of {node.name} needs one class name")
+            return decorator.args[0].id
+    return None
+
+
+def _first_line(node) -> int:
+    """The 1-based first line of a definition, its decorators included."""
+    return min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+
+
+def _parse(code: str, where: str) -> ast.Module:
+    try:
+        return ast.parse(code)
+    except SyntaxError as error:
+        raise SystemExit(f"{where}: an exported cell does not parse: {error}") from None
+
+
+def merge_definitions(module: str, sources: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Apply later cells' additions to earlier cells' definitions, as Python would.
+
+    A top-level ``@add_to_class(Name)`` function leaves its cell and goes into the body
+    of ``class Name`` (defined by an earlier cell of this module), replacing a method of
+    the same name or after the last one; a comment names the notebook it came from. A
+    top-level function or class defined again replaces the earlier definition. Returns
+    the cells' code, in order, ready to join.
+    """
+    cells = [[nb, code.splitlines()] for nb, code in sources]
+    for index, (nb, _) in enumerate(cells):
+        code = "\n".join(cells[index][1])
+        tree = _parse(code, nb)
+        lines = code.splitlines()
+        moved = []  # (class name, method name, method lines without @add_to_class)
+        drop = set()  # 0-based lines leaving this cell
+        for node in tree.body:
+            try:
+                target = _added_to(node)
+            except ValueError as error:
+                raise SystemExit(f"{nb}: {error}") from None
+            if target is None:
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    _remove_earlier(cells[:index], node.name, nb)
+                continue
+            first = _first_line(node)
+            method = []
+            for number in range(first - 1, node.end_lineno):
+                if number + 1 in [d.lineno for d in node.decorator_list
+                                  if _added_to_decorator(d)]:
+                    continue
+                method.append(lines[number])
+            drop.update(range(first - 1, node.end_lineno))
+            moved.append((target, node.name, method))
+        cells[index][1] = [line for n, line in enumerate(lines) if n not in drop]
+        for target, name, method in moved:
+            _insert_method(cells[:index], target, name, method, nb, module)
+    return [(nb, "\n".join(lines)) for nb, lines in cells]
+
+
+def _added_to_decorator(decorator) -> bool:
+    return (isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Name)
+            and decorator.func.id == ADD_TO_CLASS)
+
+
+def _remove_earlier(cells, name: str, nb: str) -> None:
+    """Remove an earlier cell's top-level definition of ``name`` (redefined by ``nb``)."""
+    for cell in cells:
+        tree = _parse("\n".join(cell[1]), cell[0])
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+                if isinstance(node, ast.ClassDef):
+                    raise SystemExit(
+                        f"{nb}: redefines class {name} of {cell[0]}; add to it with "
+                        f"@{ADD_TO_CLASS}({name}) instead"
+                    )
+                first = _first_line(node)
+                cell[1][first - 1 : node.end_lineno] = []
+                return
+
+
+def _insert_method(cells, target: str, name: str, method: list[str], nb: str,
+                   module: str) -> None:
+    """Write ``method`` into ``class target`` of an earlier cell (see merge_definitions)."""
+    for cell in cells:
+        tree = _parse("\n".join(cell[1]), cell[0])
+        for node in tree.body:
+            if not (isinstance(node, ast.ClassDef) and node.name == target):
+                continue
+            body = ["", f"    # added by {nb}"] + [("    " + m).rstrip() for m in method]
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == name:
+                    start = _first_line(item) - 1
+                    if start and cell[1][start - 1].startswith("    # added by "):
+                        start -= 1  # an earlier addition, replaced with its comment
+                    cell[1][start : item.end_lineno] = body[1:]  # replaces the method
+                    return
+            cell[1][node.end_lineno : node.end_lineno] = body
+            return
+    raise SystemExit(
+        f"{nb}: @{ADD_TO_CLASS}({target}) in a '#| export {module}' cell, but no earlier "
+        f"'#| export {module}' cell defines class {target}: export the cell to the module "
+        f"that defines {target}"
+    )
 
 
 def render_module(module: str, sources: list[tuple[str, str]]) -> str:
@@ -140,15 +265,18 @@ def render_module(module: str, sources: list[tuple[str, str]]) -> str:
     notebooks = sorted({nb for nb, _ in sources})
     imports: list[str] = []
     bodies: list[str] = []
-    for _, code in sources:
+    for _, code in merge_definitions(module, sources):
         body = []
         for line in code.splitlines():
+            if line == ADD_TO_CLASS_IMPORT:
+                continue  # the notebook's decorator; the module has the methods in place
             if re.match(r"^(import |from \S+ import )", line) and "(" not in line:
                 if line not in imports:
                     imports.append(line)
             else:
                 body.append(line)
         bodies.append("\n".join(body).strip("\n"))
+    bodies = [b for b in bodies if b]
 
     def section(line: str) -> int:
         top = re.split(r"[ .]", line.split()[1])[0]

@@ -2,47 +2,18 @@
 # Edit the cells marked '#| export decoding' there, then run: python tools/generate.py
 """Code exported from book/08_fast_decoding.ipynb."""
 
-import torch
-
 from transformer_book.multihead import MultiHeadAttention
 
 
-@torch.no_grad()
-def greedy_decode(model, src, bos_id, eos_id, max_len, use_cache=True,
-                  return_logits=False):
-    """Greedy decoding; with use_cache the decoder keeps its keys and values.
-
-    Returns the tokens (B, L) beginning with bos_id, L <= max_len; a sequence that has
-    produced eos_id gets model.pad_id afterwards. use_cache=False recomputes the whole
-    prefix at every step, as chapter 7's greedy_decode does. With return_logits, also
-    returns the logits of every step, (B, L - 1, vocab).
-    """
-    if max_len < 1:
-        raise ValueError(f"max_len must be at least 1 (the BOS token); got {max_len}.")
-    was_training = model.training
-    model.eval()
-    memory = model.encode(src)  # (B, S, d_model), once
-    out = torch.full((src.size(0), 1), bos_id, dtype=torch.long, device=src.device)
-    done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
-    cache = {} if use_cache else None
-    steps = []
-    for _ in range(max_len - 1):
-        if use_cache:
-            logits = model.decode(out[:, -1:], memory, src, cache)[:, -1]  # (B, V)
-        else:
-            logits = model.decode(out, memory, src)[:, -1]  # (B, V), whole prefix
-        steps.append(logits)
-        token = logits.argmax(-1)  # (B,)
-        token = torch.where(done, torch.full_like(token, model.pad_id), token)
-        out = torch.cat([out, token[:, None]], dim=1)  # (B, t + 2)
-        done |= token == eos_id
-        if done.all():
-            break
-    model.train(was_training)
-    if return_logits:
-        empty = memory.new_zeros(src.size(0), 0, model.generator.out_features)
-        return out, torch.stack(steps, dim=1) if steps else empty
-    return out
+def cache_nbytes(cache):
+    """Bytes of the key and value tensors a decoding cache holds (allocated)."""
+    total = 0
+    for layer in cache.values():
+        if isinstance(layer, dict):  # one layer: {"self": {...}, "cross": {...}}
+            for kv in layer.values():
+                if isinstance(kv, dict) and "k" in kv:
+                    total += kv["k"].nbytes + kv["v"].nbytes
+    return total
 
 
 def use_fused_attention(model, enabled=True):
@@ -51,13 +22,3 @@ def use_fused_attention(model, enabled=True):
         if isinstance(module, MultiHeadAttention):
             module.need_weights = not enabled
     return model
-
-
-def cache_nbytes(cache):
-    """Bytes of the key and value tensors a decoding cache holds."""
-    total = 0
-    for layer in cache.values():
-        if isinstance(layer, dict):  # one layer: {"self": {...}, "cross": {...}}
-            for kv in layer.values():
-                total += sum(kv[n].numel() * kv[n].element_size() for n in ("k", "v"))
-    return total

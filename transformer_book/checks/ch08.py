@@ -19,9 +19,15 @@ from ._core import (
     expect_shape,
     expect_tensor,
     fail,
-    forbidden,
+    refused,
     same,
 )
+
+
+def _chapter_attention() -> list[tuple[object, str]]:
+    """(owner, attribute) of the methods the chapter added to MultiHeadAttention, and its
+    forward: an exercise that asks for what they do refuses a call of them."""
+    return [(MultiHeadAttention, name) for name in ("forward", "_keys_values", "_fused")]
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -194,10 +200,12 @@ def check_cross_attention_step(cross_attention_step):
         cache: dict = {}
         message = (
             "call the projections (mha.w_q, mha.w_k, mha.w_v, mha.w_o) yourself rather "
-            "than mha(...): the point is to see where the memory's keys are made."
+            "than mha(...) or the chapter's MultiHeadAttention methods: the point is to "
+            "see where the memory's keys are made."
         )
         try:
-            with forbidden([(mha, "forward")], message), torch.no_grad():
+            targets = [(mha, "forward"), *_chapter_attention()]
+            with refused([cross_attention_step], targets, message), torch.no_grad():
                 outs = []
                 for t in range(steps):
                     out = call(
@@ -213,7 +221,7 @@ def check_cross_attention_step(cross_attention_step):
         finally:
             key_hook.remove()
             value_hook.remove()
-            del mha.forward  # forbidden() left the bound method on the instance
+            del mha.forward  # refused() left the bound method on the instance
         got = torch.cat(outs, dim=1).detach()
         if keys["n"] > 1 or values["n"] > 1:
             fail(
@@ -392,3 +400,165 @@ def check_kv_cache_bytes(kv_cache_bytes):
             f"your size {where} is {got:,}, expected {expected:,} (the bytes of the "
             "tensors held): layers x 2 x batch x L x num_kv_heads x d_head x bytes."
         )
+
+
+# ----------------------------------------------------------------------------- 8.5
+
+
+def _bottom_right(new: int, total: int) -> torch.Tensor:
+    """(new, total): query i, at position total - new + i, sees keys 0 ... that position."""
+    keys = torch.arange(total)
+    queries = torch.arange(total - new, total)[:, None]
+    return keys <= queries
+
+
+@exercise("8.5", "Chunked prefill: several new queries after the cache")
+def check_chunk_step(chunk_step):
+    expect_callable(chunk_step, "your step function", "check_chunk_step(chunk_step)")
+    message = (
+        "write the chunk's attention yourself (F.scaled_dot_product_attention with your "
+        "own mask is fine), not with the chapter's MultiHeadAttention: its mask is what "
+        "this exercise is about."
+    )
+    generator = torch.Generator().manual_seed(85)
+    for batch, heads, d_head, chunks in [
+        (2, 3, 4, [3, 1, 2, 4]),
+        (1, 2, 8, [1, 4, 3]),
+        (3, 1, 5, [5, 2]),
+    ]:
+        length = sum(chunks)
+        q, k, v = _sequences(generator, batch, heads, length, d_head)
+        expected = _attend(q, k, v, is_causal_mask(length))  # (B, h, L, d_head)
+        cache: dict = {}
+        start = 0
+        for n in chunks:
+            end = start + n
+            where = f"for the chunk of positions {start} ... {end - 1} (chunks {chunks})"
+            args = [x[:, :, start:end].clone() for x in (q, k, v)]
+            with refused([chunk_step], _chapter_attention(), message):
+                out = call(chunk_step, *args, cache, what="chunk_step")
+            if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
+                fail(
+                    f"after the step {where} the cache has no 'k' and 'v' entries: keep "
+                    "the keys and values of every position so far in cache['k'] and "
+                    "cache['v'], in order."
+                )
+            held = expect_tensor(cache["k"], f"cache['k'] {where}")
+            if tuple(held.shape) != (batch, heads, end, d_head) or not same(
+                held, k[:, :, :end]
+            ):
+                fail(
+                    f"cache['k'] {where} should hold the keys of positions 0 ... "
+                    f"{end - 1}, in order, shape {(batch, heads, end, d_head)}; got "
+                    f"{tuple(held.shape)}: append the chunk along axis 2."
+                )
+            out = expect_shape(out, (batch, heads, n, d_head), f"your output {where}")
+            if not same(out, expected[:, :, start:end]):
+                _diagnose_chunk(out, q, k, v, start, end, where)
+            start = end
+
+
+def _diagnose_chunk(out, q, k, v, start, end, where):
+    """Name the mistake of a chunk whose output is wrong."""
+    n = end - start
+    q_c, keys, values = q[:, :, start:end], k[:, :, :end], v[:, :, :end]
+    top_left = torch.ones(n, end, dtype=torch.bool).tril()  # is_causal=True's mask
+    if start > 0 and same(out, _attend(q_c, keys, values, top_left)):
+        fail(
+            f"your output {where} uses a causal mask aligned to the top left "
+            "(`is_causal=True`, or `tril` of an (n, L) matrix): query i then sees keys "
+            "0 ... i, as if the chunk started at position 0. The chunk's queries are the "
+            "last n positions: query i sees keys 0 ... start + i, a mask aligned to the "
+            "bottom right."
+        )
+    if n > 1 and same(out, _attend(q_c, keys, values)):
+        fail(
+            f"your output {where} lets each query of the chunk see the later positions "
+            "of the same chunk: with several new queries a mask is needed again (one "
+            "query needs none)."
+        )
+    if start > 0 and same(out, _attend(q_c, k[:, :, start:end], v[:, :, start:end],
+                                       torch.ones(n, n, dtype=torch.bool).tril())):
+        fail(
+            f"your output {where} attends within the chunk only: the cached positions "
+            "0 ... start - 1 are in every new query's past; attend over the cache and "
+            "the chunk together."
+        )
+    if same(out, _attend(q_c, keys, values, _bottom_right(n, end), scale=1.0)):
+        fail(f"your output {where} is unscaled: divide the scores by sqrt(d_head).")
+    fail(
+        f"your output {where} differs from rows {start} ... {end - 1} of causal "
+        "attention over the whole sequence."
+    )
+
+
+# ----------------------------------------------------------------------------- 8.6
+
+
+def _grouped_reference(q, k, v):
+    """Causal grouped-query attention: query head i reads key/value head i // (h / g)."""
+    group = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return _attend(q, k, v, is_causal_mask(q.size(2)))
+
+
+@exercise("8.6", "A grouped-query step with a smaller cache")
+def check_grouped_query_step(grouped_query_step):
+    expect_callable(
+        grouped_query_step, "your step function", "check_grouped_query_step(grouped_query_step)"
+    )
+    message = (
+        "write the grouped step yourself (F.scaled_dot_product_attention is fine), not "
+        "with the chapter's MultiHeadAttention, which has as many key/value heads as "
+        "query heads."
+    )
+    generator = torch.Generator().manual_seed(86)
+    for batch, heads, kv_heads, length, d_head in [
+        (2, 4, 2, 5, 3),
+        (1, 6, 3, 4, 4),
+        (2, 4, 1, 3, 2),  # multi-query
+        (1, 2, 2, 3, 4),  # as many key/value heads as query heads
+    ]:
+        q = torch.randn(batch, heads, length, d_head, generator=generator)
+        k = torch.randn(batch, kv_heads, length, d_head, generator=generator)
+        v = torch.randn(batch, kv_heads, length, d_head, generator=generator)
+        expected = _grouped_reference(q, k, v)  # (B, h, L, d_head)
+        cache: dict = {}
+        for t in range(length):
+            where = f"at step {t} ({heads} query heads, {kv_heads} key/value heads)"
+            args = [x[:, :, t : t + 1].clone() for x in (q, k, v)]
+            with refused([grouped_query_step], _chapter_attention(), message):
+                out = call(grouped_query_step, *args, cache, what="grouped_query_step")
+            if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
+                fail(f"after the step {where} the cache has no 'k' and 'v' entries.")
+            held = expect_tensor(cache["k"], f"cache['k'] {where}")
+            shape = (batch, kv_heads, t + 1, d_head)
+            if tuple(held.shape) == (batch, heads, t + 1, d_head) and heads != kv_heads:
+                fail(
+                    f"cache['k'] {where} holds {heads} heads, one per query head: the "
+                    "keys were repeated for the query heads before they were cached, so "
+                    "the cache is as large as multi-head attention's. Cache the "
+                    f"{kv_heads} key/value heads and repeat them only to attend."
+                )
+            if tuple(held.shape) != shape or not same(held, k[:, :, : t + 1]):
+                fail(
+                    f"cache['k'] {where} should hold the keys of positions 0 ... {t}, "
+                    f"shape {shape}, in order; got {tuple(held.shape)}."
+                )
+            out = expect_shape(out, (batch, heads, 1, d_head), f"your output {where}")
+            if same(out, expected[:, :, t : t + 1]):
+                continue
+            group = heads // kv_heads
+            tiled = _attend(q[:, :, t : t + 1], k[:, :, : t + 1].repeat(1, group, 1, 1),
+                            v[:, :, : t + 1].repeat(1, group, 1, 1))
+            if group > 1 and kv_heads > 1 and same(out, tiled):
+                fail(
+                    f"your output {where} pairs query head i with key/value head "
+                    f"i % {kv_heads} (`repeat`, which tiles the heads): the query heads "
+                    f"of a group are neighbours, head i reads key/value head i // "
+                    f"{group} (`repeat_interleave(..., dim=1)`)."
+                )
+            fail(
+                f"your output {where} differs from attention of each query head over "
+                "its group's cached keys and values."
+            )

@@ -341,6 +341,28 @@ NOTEBOOKS = {
                     "title": "The size of a grouped-query cache"
                 }
             ]
+        },
+        {
+            "source": "check_chunk_step(chunk_step)",
+            "exercises": [
+                {
+                    "check": "check_chunk_step",
+                    "module": "transformer_book.checks.ch08",
+                    "number": "8.5",
+                    "title": "Chunked prefill: several new queries after the cache"
+                }
+            ]
+        },
+        {
+            "source": "check_grouped_query_step(grouped_query_step)",
+            "exercises": [
+                {
+                    "check": "check_grouped_query_step",
+                    "module": "transformer_book.checks.ch08",
+                    "number": "8.6",
+                    "title": "A grouped-query step with a smaller cache"
+                }
+            ]
         }
     ]
 }
