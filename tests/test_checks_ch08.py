@@ -60,13 +60,6 @@ SELF_MISTAKES = {
 }
 
 
-@pytest.mark.parametrize("mistake", SELF_MISTAKES)
-def test_self_attention_step_names_the_mistake(mistake):
-    wrong, message = SELF_MISTAKES[mistake]
-    with pytest.raises(CheckFailure, match=message):
-        check_self_attention_step(wrong)
-
-
 def test_self_attention_step_without_a_cache_entry():
     def forgets(query, key, value, cache):
         return F.scaled_dot_product_attention(query, key, value)
@@ -124,13 +117,6 @@ CROSS_MISTAKES = {
 }
 
 
-@pytest.mark.parametrize("mistake", CROSS_MISTAKES)
-def test_cross_attention_step_names_the_mistake(mistake):
-    wrong, message = CROSS_MISTAKES[mistake]
-    with pytest.raises(CheckFailure, match=message):
-        check_cross_attention_step(wrong)
-
-
 # ----------------------------------------------------------------------------- 8.3
 
 
@@ -161,13 +147,6 @@ WINDOW_MISTAKES = {
 }
 
 
-@pytest.mark.parametrize("mistake", WINDOW_MISTAKES)
-def test_sliding_window_step_names_the_mistake(mistake):
-    wrong, message = WINDOW_MISTAKES[mistake]
-    with pytest.raises(CheckFailure, match=message):
-        check_sliding_window_step(wrong)
-
-
 # ----------------------------------------------------------------------------- 8.4
 
 
@@ -191,13 +170,6 @@ SIZE_MISTAKES = {
     "numbers, not bytes": (_size(size=1), "a count of numbers, not bytes"),
     "one layer": (_size(layers=False), "one layer only"),
 }
-
-
-@pytest.mark.parametrize("mistake", SIZE_MISTAKES)
-def test_kv_cache_bytes_names_the_mistake(mistake):
-    wrong, message = SIZE_MISTAKES[mistake]
-    with pytest.raises(CheckFailure, match=message):
-        check_kv_cache_bytes(wrong)
 
 
 def test_kv_cache_bytes_wants_an_int():
@@ -247,13 +219,6 @@ CHUNK_MISTAKES = {
     "unscaled": (_chunk_step(scale=1.0), "unscaled"),
     "the chapter's module": (_chunk_step(call_module=True), "not with the chapter's"),
 }
-
-
-@pytest.mark.parametrize("mistake", CHUNK_MISTAKES)
-def test_chunk_step_names_the_mistake(mistake):
-    wrong, message = CHUNK_MISTAKES[mistake]
-    with pytest.raises(CheckFailure, match=message):
-        check_chunk_step(wrong)
 
 
 def test_chunk_step_refuses_a_cache_that_forgets():
@@ -314,8 +279,23 @@ GROUPED_MISTAKES = {
 }
 
 
-@pytest.mark.parametrize("mistake", GROUPED_MISTAKES)
-def test_grouped_query_step_names_the_mistake(mistake):
-    wrong, message = GROUPED_MISTAKES[mistake]
+# --------------------------------------------------------------- every mistake, named
+
+TABLES = {
+    check_self_attention_step: SELF_MISTAKES,
+    check_cross_attention_step: CROSS_MISTAKES,
+    check_sliding_window_step: WINDOW_MISTAKES,
+    check_kv_cache_bytes: SIZE_MISTAKES,
+    check_chunk_step: CHUNK_MISTAKES,
+    check_grouped_query_step: GROUPED_MISTAKES,
+}
+CASES = [(check, mistake) for check, table in TABLES.items() for mistake in table]
+
+
+@pytest.mark.parametrize(
+    "check, mistake", CASES, ids=[f"{check.name}[{mistake}]" for check, mistake in CASES]
+)
+def test_each_check_names_each_mistake(check, mistake):
+    wrong, message = TABLES[check][mistake]
     with pytest.raises(CheckFailure, match=message):
-        check_grouped_query_step(wrong)
+        check(wrong)
