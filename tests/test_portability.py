@@ -71,3 +71,4 @@ def test_a_claim_true_on_one_kernel_level_only_fails(tmp_path):
     nbformat.write(nb, path)
     ok, _, why = portability.run_one(path, "default", threads=1, timeout=60)
     assert not ok and "AssertionError" in why
+    assert "get_cpu_capability() != 'DEFAULT'" in why, why  # the report names the line

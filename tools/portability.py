@@ -99,7 +99,10 @@ def run_one(
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colours
         lines = [line for line in text.splitlines() if line.strip()]
         where = next((line for line in reversed(lines) if "Error" in line), lines[-1])
-        return False, time.perf_counter() - start, where[:200]
+        # the failing line of the cell (IPython marks it with an arrow)
+        line = next((line for line in reversed(lines) if "---->" in line), "")
+        line = re.sub(r"^\s*-+>\s*\d*\s*", "", line).strip()
+        return False, time.perf_counter() - start, f"{where[:200]} at: {line[:200]}"
     except (CellTimeoutError, DeadKernelError, TimeoutError) as error:
         return False, time.perf_counter() - start, f"{type(error).__name__}: {error}"[:200]
     return True, time.perf_counter() - start, ""
