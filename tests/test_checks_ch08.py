@@ -6,67 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transformer_book import Transformer
 from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch08 import (
+    _pool_variant,
     check_chunk_step,
     check_cross_attention_step,
     check_grouped_query_step,
-    check_kv_cache_bytes,
-    check_self_attention_step,
-    check_sliding_window_step,
+    check_reorder_cache,
+    check_ring_window_step,
 )
 from transformer_book.multihead import merge_heads, split_heads
-
-# ----------------------------------------------------------------------------- 8.1
-
-
-def _self_step(axis=2, mask=None, prepend=False, replace=False, scale=None, keep_new=True):
-    """A wrong answer family for 8.1."""
-
-    def self_attention_step(query, key, value, cache):
-        new_k, new_v = key, value
-        if "k" in cache and not replace:
-            parts_k, parts_v = [cache["k"], key], [cache["v"], value]
-            if prepend:
-                parts_k, parts_v = parts_k[::-1], parts_v[::-1]
-            key, value = torch.cat(parts_k, dim=axis), torch.cat(parts_v, dim=axis)
-        cache["k"], cache["v"] = key, value
-        if not keep_new and key.size(2) > 1:
-            key, value = key[:, :, :-1], value[:, :, :-1]
-        if mask == "causal":
-            n = key.size(2)
-            m = torch.ones(1, n, dtype=torch.bool).tril()  # (1, n): keeps key 0 only
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=m)
-        if mask == "new only":
-            return F.scaled_dot_product_attention(query, new_k, new_v)
-        return F.scaled_dot_product_attention(query, key, value, scale=scale)
-
-    return self_attention_step
-
-
-SELF_MISTAKES = {
-    "cat on the heads axis": (_self_step(axis=1), r"appended along the heads axis \(dim=1\)"),
-    "cat on the batch axis": (_self_step(axis=0), r"appended along the batch axis \(dim=0\)"),
-    "cat on the feature axis": (_self_step(axis=-1), r"along the feature axis \(dim=-1\)"),
-    "causal mask on one query": (
-        _self_step(mask="causal"),
-        "a causal mask was applied to a one-query step",
-    ),
-    "replaces the cache": (_self_step(replace=True), "replaced the cached ones"),
-    "prepends": (_self_step(prepend=True), "the new one was put first"),
-    "attends to the new key only": (_self_step(mask="new only"), "new position only"),
-    "attends before appending": (_self_step(keep_new=False), "append first, then attend"),
-    "unscaled": (_self_step(scale=1.0), "unscaled"),
-}
-
-
-def test_self_attention_step_without_a_cache_entry():
-    def forgets(query, key, value, cache):
-        return F.scaled_dot_product_attention(query, key, value)
-
-    with pytest.raises(CheckFailure, match="cache has no 'k' and 'v' entries"):
-        check_self_attention_step(forgets)
-
 
 # ----------------------------------------------------------------------------- 8.2
 
@@ -117,64 +67,77 @@ CROSS_MISTAKES = {
 }
 
 
-# ----------------------------------------------------------------------------- 8.3
+# ----------------------------------------------------------------- 8.1, 8.3 and 8.6
 
 
-def _window_step(keep=lambda w: w, oldest=False, trim=True):
-    """A wrong answer family for 8.3."""
+def test_a_ring_may_keep_its_own_bookkeeping_in_the_cache():
+    def ring_window_step(query, key, value, cache, window):
+        steps = cache.setdefault("my steps", [])
+        t = len(steps)
+        steps.append(t)
+        if not t:
+            shape = (key.size(0), key.size(1), window, key.size(3))
+            cache["k"], cache["v"] = torch.zeros(shape), torch.zeros(shape)
+        cache["k"][:, :, t % window] = key[:, :, 0]
+        cache["v"][:, :, t % window] = value[:, :, 0]
+        n = min(t + 1, window)
+        return F.scaled_dot_product_attention(query, cache["k"][:, :, :n], cache["v"][:, :, :n])
 
-    def sliding_window_step(query, key, value, cache, window):
-        if "k" in cache:
-            key = torch.cat([cache["k"], key], dim=2)
-            value = torch.cat([cache["v"], value], dim=2)
-        if trim:
-            n = keep(window)
-            if oldest:
-                key, value = key[:, :, :n], value[:, :, :n]
-            else:
-                key, value = key[:, :, -n:], value[:, :, -n:]
-        cache["k"], cache["v"] = key, value
-        return F.scaled_dot_product_attention(query, key, value)
-
-    return sliding_window_step
+    check_ring_window_step(ring_window_step)
 
 
-WINDOW_MISTAKES = {
-    "never trims": (_window_step(trim=False), "never drops the oldest ones"),
-    "one too many": (_window_step(keep=lambda w: w + 1), "one more than the window"),
-    "one too few": (_window_step(keep=lambda w: max(w - 1, 1)), "fewer than the"),
-    "keeps the oldest": (_window_step(oldest=True), "kept the oldest ones and dropped the new"),
-}
+def _reorder(cache, beams):
+    for key, value in cache.items():
+        if isinstance(value, dict):
+            _reorder(value, beams)
+        elif isinstance(value, torch.Tensor):
+            cache[key] = value.index_select(0, beams)
 
 
-# ----------------------------------------------------------------------------- 8.4
+@pytest.mark.parametrize("capacity", [None, 10])
+def test_a_reordered_cache_decodes_as_the_reordered_sequences_recomputed(capacity):
+    """The premise of check 8.3: index_select(0, beams) on every tensor is beam search's
+    reorder (the next step then equals recomputing the reordered prefixes)."""
+    torch.manual_seed(5)
+    model = Transformer(13, 13, d_model=8, num_heads=4, num_encoder_layers=1,
+                        num_decoder_layers=2, d_ff=16, dropout=0.0).eval()
+    src, prefix = torch.randint(3, 13, (4, 5)), torch.randint(3, 13, (4, 6))
+    src[1:, -2:], prefix[0, 4:] = 0, 0
+    beams, token = torch.tensor([2, 2, 0, 1]), torch.randint(3, 13, (4, 1))
+    with torch.no_grad():
+        memory = model.encode(src)
+        cache = {"capacity": capacity}
+        model.decode(prefix, memory, src, cache)
+        _reorder(cache, beams)
+        got = model.decode(token, memory[beams], src[beams], cache)[:, -1]
+        whole = torch.cat([prefix[beams], token], dim=1)
+        expected = model.decode(whole, memory[beams], src[beams])[:, -1]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def _size(factor=2, heads="kv", size=None, layers=True, bits=False):
-    """A wrong answer family for 8.4."""
+def test_reorder_may_return_a_new_cache():
+    def reorder_cache(cache, beams):
+        fresh = {k: dict(v) if isinstance(v, dict) else v for k, v in cache.items()}
+        _reorder(fresh, beams)
+        return fresh
 
-    def kv_cache_bytes(num_layers, batch, length, d_model, num_heads, num_kv_heads, dtype):
-        width = (num_kv_heads if heads == "kv" else num_heads) * (d_model // num_heads)
-        per = torch.tensor([], dtype=dtype).element_size() if size is None else size
-        total = factor * batch * length * width * per * (num_layers if layers else 1)
-        return total * 8 if bits else total
-
-    return kv_cache_bytes
+    check_reorder_cache(reorder_cache)
 
 
-SIZE_MISTAKES = {
-    "keys only": (_size(factor=1), "count keys and values"),
-    "every head cached": (_size(heads="q"), "as many key/value heads as query heads"),
-    "bits": (_size(bits=True), "bits, not bytes"),
-    "always 4 bytes": (_size(size=4), "4 bytes per number whatever the dtype"),
-    "numbers, not bytes": (_size(size=1), "a count of numbers, not bytes"),
-    "one layer": (_size(layers=False), "one layer only"),
-}
-
-
-def test_kv_cache_bytes_wants_an_int():
-    with pytest.raises(CheckFailure, match="should return an int"):
-        check_kv_cache_bytes(lambda *args: "a lot")
+def test_pooling_identical_heads_changes_no_key():
+    """The premise of check 8.6: when a group's heads are equal, the pooled projection,
+    each head repeated for its group, is the original projection."""
+    torch.manual_seed(6)
+    heads, kv_heads, d_model = 6, 2, 12
+    linear = torch.nn.Linear(d_model, d_model)
+    with torch.no_grad():  # make the heads of each group equal: 0 = 1 = 2, 3 = 4 = 5
+        w, b = linear.weight.view(heads, 2, d_model), linear.bias.view(heads, 2)
+        w.copy_(w[[0, 0, 0, 3, 3, 3]])
+        b.copy_(b[[0, 0, 0, 3, 3, 3]])
+    pooled = _pool_variant(linear, heads, kv_heads)  # the check's reference
+    x = torch.randn(3, d_model)
+    keys = pooled(x).view(3, kv_heads, 2).repeat_interleave(heads // kv_heads, dim=1)
+    torch.testing.assert_close(keys.reshape(3, d_model), linear(x))
 
 
 # ----------------------------------------------------------------------------- 8.5
@@ -282,10 +245,7 @@ GROUPED_MISTAKES = {
 # --------------------------------------------------------------- every mistake, named
 
 TABLES = {
-    check_self_attention_step: SELF_MISTAKES,
     check_cross_attention_step: CROSS_MISTAKES,
-    check_sliding_window_step: WINDOW_MISTAKES,
-    check_kv_cache_bytes: SIZE_MISTAKES,
     check_chunk_step: CHUNK_MISTAKES,
     check_grouped_query_step: GROUPED_MISTAKES,
 }

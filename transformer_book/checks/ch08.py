@@ -6,19 +6,25 @@ one new position, ``L = 1``. A cache is a dict holding ``"k"`` and ``"v"``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from transformer_book.multihead import MultiHeadAttention
 
 from ._core import (
-    CheckFailure,
+    Caught,
+    Hint,
+    Mistake,
     call,
     exercise,
     expect_callable,
     expect_shape,
     expect_tensor,
+    expect_unchanged,
     fail,
+    name_mistake,
     refused,
     same,
 )
@@ -41,126 +47,143 @@ def _attend(q, k, v, mask=None, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _step(fn, q, k, v, cache, t, what, *extra):
-    """Run one step of the student's code; on a crash, first look at what it cached."""
-    args = (q[:, :, t : t + 1].clone(), k[:, :, t : t + 1].clone(), v[:, :, t : t + 1].clone())
-    try:
-        return call(fn, *args, cache, *extra, what=what)
-    except CheckFailure:
-        if isinstance(cache, dict) and "k" in cache:  # a wrong cache explains the crash
-            _expect_appended(cache, k, t, where=f"at step {t}")
-        raise
-
-
-def _expect_appended(cache, k, t, where: str) -> None:
-    """The cache after step t holds keys of positions 0 ... t along axis 2, in order."""
-    if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
-        fail(
-            f"after the step {where} the cache has no 'k' and 'v' entries: store the keys "
-            "and values you attend over in cache['k'] and cache['v'] (the same dict, "
-            "updated in place), so that the next step can use them."
-        )
-    batch, heads, _, d_head = k.shape
-    got = expect_tensor(cache["k"], f"cache['k'] {where}")
-    expected = k[:, :, : t + 1]
-    if tuple(got.shape) == tuple(expected.shape):
-        if same(got, torch.cat([k[:, :, t : t + 1], k[:, :, :t]], dim=2)) and t > 0:
-            fail(
-                f"cache['k'] {where} holds the positions in the wrong order: the new one "
-                "was put first (`torch.cat([key, cache['k']], dim=2)`?). Keep position "
-                "order, so that cache['k'][:, :, p] is position p: a sliding window or a "
-                "position bias depends on it."
-            )
-        if not same(got, expected):
-            fail(
-                f"cache['k'] {where} does not hold the keys of positions 0 ... {t} that "
-                "the steps were given: store the keys themselves, not a copy changed "
-                "in place or scaled."
-            )
-        return
-    shape = tuple(got.shape)
-    if t > 0 and shape == (batch, heads, 1, d_head):
-        fail(
-            f"cache['k'] {where} holds only the newest position: the new keys replaced "
-            "the cached ones instead of being appended, "
-            "`torch.cat([cache['k'], key], dim=2)`."
-        )
-    wrong_axes = {
-        0: (batch * (t + 1), heads, 1, d_head),
-        1: (batch, heads * (t + 1), 1, d_head),
-        3: (batch, heads, 1, d_head * (t + 1)),
-    }
-    names = {0: "batch axis (dim=0)", 1: "heads axis (dim=1)", 3: "feature axis (dim=-1)"}
-    for axis, wrong in wrong_axes.items():
-        if t > 0 and shape == wrong:
-            fail(
-                f"cache['k'] {where} has shape {shape}: the new position was appended "
-                f"along the {names[axis]}. Positions are axis 2 of (batch, heads, L, "
-                "d_head): `torch.cat([cache['k'], key], dim=2)`."
-            )
-    fail(f"cache['k'] {where} has shape {shape}, expected {tuple(expected.shape)}.")
-
-
-def _diagnose_step(out, q, k, v, t, where, window=None):
-    """Name the mistake of a one-query step whose output is wrong."""
-    lo = 0 if window is None else max(0, t - window + 1)
-    q_t = q[:, :, t : t + 1]
-    keys, values = k[:, :, lo : t + 1], v[:, :, lo : t + 1]
-    if t == lo + 1 and same(out, _attend(q_t, k[:, :, lo:t], v[:, :, lo:t])):
-        fail(
-            f"your output {where} attends to the cached key only, not to the new one. "
-            "Either a causal mask was applied to a one-query step (`tril` of a (1, n) "
-            "matrix keeps column 0 only; the new query is the latest position and may "
-            "attend to every cached key), or you attended over the cache before adding "
-            "the new position: append first, then attend."
-        )
-    if t > lo:
-        one_by_n = torch.ones(1, t + 1 - lo, dtype=torch.bool).tril()  # (1, n)
-        if same(out, _attend(q_t, keys, values, one_by_n)):
-            fail(
-                f"your output {where} attends to the first cached key only: a causal mask "
-                "was applied to a one-query step. `tril` of a (1, n) matrix keeps column "
-                "0, but the one new query is the latest position and may attend to every "
-                "cached key: use no mask (or one that is True everywhere)."
-            )
-        if same(out, _attend(q_t, k[:, :, t : t + 1], v[:, :, t : t + 1])):
-            fail(
-                f"your output {where} attends to the new position only: attend over "
-                "everything in the cache after appending the new keys and values."
-            )
-        if same(out, _attend(q_t, k[:, :, lo:t], v[:, :, lo:t])):
-            fail(
-                f"your output {where} attends over the cache without the new position: "
-                "append first, then attend (a position may attend to itself)."
-            )
-    if same(out, _attend(q_t, keys, values, scale=1.0)):
-        fail(f"your output {where} is unscaled: divide the scores by sqrt(d_head).")
-    fail(
-        f"your output {where} differs from attention of the new query over the keys and "
-        "values of every position so far."
-    )
-
-
 # ----------------------------------------------------------------------------- 8.1
 
 
-@exercise("8.1", "One step of self-attention with a key/value cache")
-def check_self_attention_step(self_attention_step):
-    expect_callable(
-        self_attention_step, "your step function", "check_self_attention_step(self_attention_step)"
-    )
-    generator = torch.Generator().manual_seed(8)
-    for batch, heads, length, d_head in [(2, 3, 5, 4), (1, 1, 3, 8), (3, 2, 6, 5)]:
+def _window(k, t: int, window: int):
+    """Positions max(0, t - window + 1) ... t of k along the length axis."""
+    return k[:, :, max(0, t - window + 1) : t + 1]
+
+
+def _ring_variant(query, key, value, cache, window, *, fill="empty", span=0, slot="ring",
+                  order="write", in_place=True):
+    """Exercise 8.1 written right, and as the realistic slips of it: ``fill="zeros"``
+    attends over every slot, unwritten ones included; ``span`` widens the window by one
+    slot too many (+1) or too few (-1); ``slot="cat"`` appends and slices (a copy per
+    step), ``"t"`` forgets the modulo; ``order="attend first"`` attends before writing;
+    ``order="masked"`` applies a causal mask to the one query; ``in_place=False`` writes with ``index_copy``, which returns a new tensor."""
+    t = cache.get("seen", 0)
+    size = window + span
+    if slot == "cat":  # exercise 8.3's old solution: correct outputs, a copy per step
+        k = key if "k" not in cache else torch.cat([cache["k"], key], dim=2)[:, :, -size:]
+        v = value if "v" not in cache else torch.cat([cache["v"], value], dim=2)[:, :, -size:]
+        cache["k"], cache["v"], cache["seen"] = k, v, t + 1
+        return _attend(query, k, v)
+    if "k" not in cache:
+        shape = (key.size(0), key.size(1), size, key.size(3))
+        make = torch.zeros if fill == "zeros" else torch.empty
+        cache["k"], cache["v"] = make(shape), make(shape)
+    where = t % size if slot == "ring" else t
+    filled = size if fill == "zeros" else min(t + 1, size)
+    if order == "attend first":  # the new position is written after attending
+        k, v = cache["k"][:, :, : min(t, size)], cache["v"][:, :, : min(t, size)]
+        out = _attend(query, k, v) if t else torch.zeros_like(query)
+    if in_place:
+        cache["k"][:, :, where], cache["v"][:, :, where] = key[:, :, 0], value[:, :, 0]
+    else:
+        slot = torch.tensor([where])
+        cache["k"] = cache["k"].index_copy(2, slot, key)
+        cache["v"] = cache["v"].index_copy(2, slot, value)
+    cache["seen"] = t + 1
+    if order == "attend first":
+        return out
+    mask = torch.ones(1, filled, dtype=torch.bool).tril() if order == "masked" else None
+    return _attend(query, cache["k"][:, :, :filled], cache["v"][:, :, :filled], mask)
+
+
+_RING = [
+    Caught(partial(_ring_variant, slot="cat"), "allocate all 3 slots on the first step"),
+    Caught(partial(_ring_variant, in_place=False), r"cache\['k'\] was reallocated at step 1"),
+    Caught(partial(_ring_variant, fill="zeros"),
+           "attends over slots that hold no position yet"),
+    Caught(partial(_ring_variant, span=1), "one slot too many"),
+    Caught(partial(_ring_variant, span=-1), "one slot too few"),
+    Caught(partial(_ring_variant, slot="t"), r"slot t % window"),
+    Caught(partial(_ring_variant, order="attend first"),
+           "before its own key and value were written"),
+    Caught(partial(_ring_variant, order="masked"), "a causal mask was applied to a one-query"),
+]
+
+
+def _expect_ring(cache, k, t: int, window: int, where: str) -> None:
+    """After step t, slot p % window of cache['k'] holds position p's key."""
+    if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
+        fail(f"after the step {where} the cache has no 'k' and 'v' entries: keep the window's "
+             "keys and values in cache['k'] and cache['v'] of the dict the check passes.")
+    shape = (k.size(0), k.size(1), window, k.size(3))
+    for name in ("k", "v"):
+        held = expect_tensor(cache[name], f"cache['{name}'] {where}")
+        slots = held.size(2) if held.dim() == 4 else None
+        if slots != window and slots == min(t + 1, window):
+            fail(f"cache['{name}'] {where} has {slots} slot(s): allocate all {window} slots on "
+                 "the first step and write each position into its slot in place; "
+                 "appending with torch.cat and slicing copies the cache at every step.")
+        if slots in (window + 1, window - 1):
+            fail(f"cache['{name}'] {where} has one slot too "
+                 f"{'many' if slots > window else 'few'}: the window is positions "
+                 f"t - {window} + 1 ... t, {window} of them, the new one included.")
+        held = expect_shape(held, shape, f"cache['{name}'] {where}")
+        if name == "k":
+            for p in range(max(0, t - window + 1), t + 1):
+                if not same(held[:, :, p % window], k[:, :, p]):
+                    fail(f"cache['k'] {where}: slot {p % window} should hold the key of "
+                         f"position {p} (slot p % window); the ring writes each position "
+                         "over the oldest one.")
+
+
+@exercise("8.1", "A sliding-window cache that never copies", mistakes={"ring_window_step": _RING})
+def check_ring_window_step(ring_window_step):
+    expect_callable(ring_window_step, "your step function",
+                    "check_ring_window_step(ring_window_step)")
+    generator = torch.Generator().manual_seed(81)
+    hints = [Hint(IndexError, "out of bounds",
+                  "Position t goes into slot t % window: the ring has window slots.")]
+    for batch, heads, length, d_head, window in [(2, 3, 8, 4, 3), (1, 2, 5, 3, 5),
+                                                 (2, 1, 6, 2, 1)]:
         q, k, v = _sequences(generator, batch, heads, length, d_head)
-        expected = _attend(q, k, v, is_causal_mask(length))  # (B, h, L, d_head)
         cache: dict = {}
+        address = None
         for t in range(length):
-            where = f"at step {t} (shape {(batch, heads, length, d_head)})"
-            out = _step(self_attention_step, q, k, v, cache, t, "self_attention_step")
-            _expect_appended(cache, k, t, where)
+            where = f"at step {t} (window {window})"
+            args = [x[:, :, t : t + 1].clone() for x in (q, k, v)]
+            out = call(ring_window_step, *args, cache, window, what="ring_window_step",
+                       hints=hints)
+            _expect_ring(cache, k, t, window, where)
+            if address is None:
+                address = cache["k"].data_ptr(), cache["v"].data_ptr()
+            elif (cache["k"].data_ptr(), cache["v"].data_ptr()) != address:
+                fail(f"cache['k'] was reallocated at step {t}: allocate the window's "
+                     "slots once, on the first step, and write each new position into its "
+                     "slot in place (`cache['k'][:, :, slot] = ...`), without torch.cat or "
+                     "a slice that copies.")
             out = expect_shape(out, (batch, heads, 1, d_head), f"your output {where}")
-            if not same(out, expected[:, :, t : t + 1]):
-                _diagnose_step(out, q, k, v, t, where)
+            expected = _attend(q[:, :, t : t + 1], _window(k, t, window), _window(v, t, window))
+            if same(out, expected):
+                continue
+            if t < window - 1:
+                pad = torch.zeros(batch, heads, window - t - 1, d_head)
+                zeros = _attend(q[:, :, t : t + 1], torch.cat([k[:, :, : t + 1], pad], 2),
+                                torch.cat([v[:, :, : t + 1], pad], 2))
+                if same(out, zeros) or not torch.isfinite(out).all():
+                    fail(f"your output {where} attends over slots that hold no position yet "
+                         f"(only {t + 1} of the {window} are written): attend over the "
+                         "filled slots only until the window is full.")
+            if t > 0 and t < window:
+                first = torch.ones(1, t + 1, dtype=torch.bool).tril()  # (1, n): column 0
+                if same(out, _attend(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1],
+                                     first)):
+                    fail(f"your output {where} attends to the oldest key only: a causal mask "
+                         "was applied to a one-query step (`tril` of a (1, n) matrix keeps "
+                         "column 0). The one new query is the latest position and may see "
+                         "every key in the window: no mask.")
+            before = _attend(q[:, :, t : t + 1], _window(k, t - 1, window),
+                             _window(v, t - 1, window)) if t else torch.zeros_like(out)
+            if same(out, before):
+                fail(f"your output {where} is attention computed before its own key and "
+                     "value were written: write the new position into its slot first; a "
+                     "query always sees itself.")
+            fail(f"your output {where} differs from attention over the last "
+                 f"min(t + 1, {window}) positions.")
 
 
 def is_causal_mask(length: int) -> torch.Tensor:
@@ -279,127 +302,109 @@ def _merge(x):
 # ----------------------------------------------------------------------------- 8.3
 
 
-@exercise("8.3", "A sliding-window cache")
-def check_sliding_window_step(sliding_window_step):
-    expect_callable(
-        sliding_window_step, "your step function", "check_sliding_window_step(sliding_window_step)"
-    )
-    generator = torch.Generator().manual_seed(83)
-    for batch, heads, length, d_head, window in [
-        (2, 2, 7, 4, 3),
-        (1, 3, 5, 6, 1),
-        (2, 1, 6, 4, 2),
-        (1, 2, 4, 4, 6),  # a window longer than the sequence: plain causal attention
-    ]:
-        q, k, v = _sequences(generator, batch, heads, length, d_head)
-        cache: dict = {}
-        for t in range(length):
-            where = f"at step {t} (window {window})"
-            args = (q[:, :, t : t + 1].clone(), k[:, :, t : t + 1].clone())
-            args += (v[:, :, t : t + 1].clone(), cache, window)
-            out = call(sliding_window_step, *args, what="sliding_window_step")
-            if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
-                fail(f"after the step {where} the cache has no 'k' and 'v' entries.")
-            held = expect_tensor(cache["k"], f"cache['k'] {where}")
-            keep = min(t + 1, window)
-            expected_keys = k[:, :, t + 1 - keep : t + 1]
-            if held.dim() == 4 and held.shape[2] > keep:
-                if held.shape[2] == t + 1 and t + 1 < length:
-                    continue  # one too many, or never trimmed: the next step tells
-                if held.shape[2] == keep + 1:
-                    fail(
-                        f"cache['k'] {where} holds {held.shape[2]} positions, one more than "
-                        f"the window of {window}: trim after appending, keeping the last "
-                        "W positions (`[:, :, -W:]`)."
-                    )
-                fail(
-                    f"cache['k'] {where} holds {held.shape[2]} positions: it never drops "
-                    f"the oldest ones, so its memory grows with L. Keep the last {window}."
-                )
-            if held.dim() == 4 and 0 < held.shape[2] < keep:
-                fail(
-                    f"cache['k'] {where} holds {held.shape[2]} positions, fewer than the "
-                    f"{keep} the window allows: the window covers the new position and "
-                    f"the {window - 1} before it."
-                )
-            expect_shape(held, expected_keys.shape, f"cache['k'] {where}")
-            if t >= window and same(held, k[:, :, :window]):
-                fail(
-                    f"cache['k'] {where} holds the first {window} positions: it kept the "
-                    "oldest ones and dropped the new. Keep the last W (`[:, :, -W:]`)."
-                )
-            if not same(held, expected_keys):
-                fail(
-                    f"cache['k'] {where} should hold the keys of positions "
-                    f"{t + 1 - keep} ... {t}, in order."
-                )
-            out = expect_shape(out, (batch, heads, 1, d_head), f"your output {where}")
-            reference = _attend(q[:, :, t : t + 1], expected_keys, v[:, :, t + 1 - keep : t + 1])
-            if not same(out, reference):
-                _diagnose_step(out, q, k, v, t, where, window=window)
+def _decoder(seed: int, heads: int = 4):
+    torch.manual_seed(seed)  # the check runs under fork_rng: the notebook's stream is kept
+    from transformer_book import Transformer
+
+    return Transformer(13, 13, d_model=8, num_heads=heads, num_encoder_layers=1,
+                       num_decoder_layers=2, d_ff=16, dropout=0.0).eval()
 
 
-# ----------------------------------------------------------------------------- 8.4
+def _tensors(cache, path=()):
+    """(path, tensor) of every tensor in a nested cache dict."""
+    for key, value in cache.items():
+        if isinstance(value, dict):
+            yield from _tensors(value, (*path, key))
+        elif isinstance(value, torch.Tensor):
+            yield (*path, key), value
 
 
-def _bytes_held(num_layers, batch, length, d_model, num_heads, num_kv_heads, dtype):
-    """Build the caches for real and count their bytes."""
-    d_head = d_model // num_heads
-    shape = (batch, num_kv_heads, length, d_head)
-    caches = [
-        {"k": torch.empty(shape, dtype=dtype), "v": torch.empty(shape, dtype=dtype)}
-        for _ in range(num_layers)
-    ]
-    return sum(t.numel() * t.element_size() for c in caches for t in c.values())
+def _name(path) -> str:
+    return "cache" + "".join(f"[{p!r}]" for p in path)
 
 
-@exercise("8.4", "The size of a grouped-query cache")
-def check_kv_cache_bytes(kv_cache_bytes):
-    expect_callable(kv_cache_bytes, "your size function", "check_kv_cache_bytes(kv_cache_bytes)")
-    cases = [
-        (3, 1, 512, 128, 4, 4, torch.float32),  # plain multi-head attention
-        (6, 16, 100, 96, 8, 2, torch.float32),  # grouped-query, 4 query heads per group
-        (4, 3, 64, 64, 8, 1, torch.float16),  # multi-query, half precision
-        (3, 2, 10, 40, 5, 5, torch.bfloat16),
-    ]
-    for case in cases:
-        num_layers, batch, length, d_model, num_heads, num_kv_heads, dtype = case
-        expected = _bytes_held(*case)
-        got = call(kv_cache_bytes, *case, what="kv_cache_bytes")
-        where = (
-            f"for {num_layers} layers, batch {batch}, L {length}, d_model {d_model}, "
-            f"{num_heads} heads, {num_kv_heads} key/value heads, {dtype}"
-        )
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
-            got = got.item()
-        if isinstance(got, float) and got.is_integer():
-            got = int(got)
-        if not isinstance(got, int):
-            fail(f"kv_cache_bytes should return an int (a number of bytes), got {got!r:.40}.")
-        if got == expected:
+def _reorder_variant(cache, beams, *, skip=(), axis=0, scatter=False, numbers=False):
+    """Exercise 8.3 written right, and as its slips: ``skip`` leaves entries whose path
+    contains one of these names as they were, ``axis`` reorders another axis,
+    ``scatter`` moves row b to row beams[b], ``numbers`` also indexes plain numbers."""
+    for key, value in cache.items():
+        if isinstance(value, dict):
+            _reorder_variant(value, beams, skip=skip, axis=axis, scatter=scatter,
+                             numbers=numbers)
+        elif key in skip or (isinstance(value, torch.Tensor) and "cross" in skip
+                             and "static" in cache):
             continue
-        d_head = d_model // num_heads
-        size = torch.tensor([], dtype=dtype).element_size()
-        per_number = num_layers * batch * length * num_kv_heads * d_head
-        mistakes = [
-            (per_number * size, "half the bytes held: count keys and values, two tensors"),
-            (
-                2 * num_layers * batch * length * d_model * size,
-                "as many key/value heads as query heads: with grouped-query attention "
-                "the cache holds num_kv_heads heads of d_head = d_model // num_heads",
-            ),
-            (2 * per_number * size * 8, "bits, not bytes: multiply by element_size()"),
-            (2 * per_number * 4, "4 bytes per number whatever the dtype: use its size"),
-            (2 * per_number, "a count of numbers, not bytes: multiply by element_size()"),
-            (2 * per_number * size // num_layers, "one layer only: every layer has a cache"),
-        ]
-        for wrong, text in mistakes:
-            if got == wrong:
-                fail(f"your size {where} is {got:,}, expected {expected:,}: {text}.")
-        fail(
-            f"your size {where} is {got:,}, expected {expected:,} (the bytes of the "
-            "tensors held): layers x 2 x batch x L x num_kv_heads x d_head x bytes."
-        )
+        elif isinstance(value, torch.Tensor):
+            if scatter:
+                moved = torch.empty_like(value)
+                moved[beams] = value
+                cache[key] = moved
+            else:
+                cache[key] = value.index_select(axis if value.dim() > 2 else 0, beams)
+        elif numbers:
+            cache[key] = value.index_select(0, beams)
+
+
+_REORDER = [
+    Caught(partial(_reorder_variant, skip=("cross",)), r"\['cross'\]\['k'\] was not reordered"),
+    Caught(partial(_reorder_variant, skip=("real",)), r"cache\['real'\] was not reordered"),
+    Caught(partial(_reorder_variant, skip=("v",)), r"\['self'\]\['v'\] was not reordered"),
+    Caught(partial(_reorder_variant, axis=1), "reordered the heads"),
+    Caught(partial(_reorder_variant, scatter=True), "scattered"),
+    Caught(partial(_reorder_variant, numbers=True), "plain numbers"),
+]
+
+
+@exercise("8.3", "Reordering the cache for beam search", mistakes={"reorder_cache": _REORDER})
+def check_reorder_cache(reorder_cache):
+    expect_callable(reorder_cache, "your reorder function", "check_reorder_cache(reorder_cache)")
+    numbers = ("The cache also holds plain numbers ('length', 'capacity'): reorder the "
+               "tensors only.")
+    hints = [Hint(AttributeError, "object has no attribute", numbers),
+             Hint(TypeError, "not subscriptable", numbers)]
+    generator = torch.Generator().manual_seed(83)
+    for capacity, beams in [(12, [1, 2, 3, 0]), (None, [1, 1, 0, 3]), (None, [2, 0, 0, 2])]:
+        model = _decoder(seed=len(beams) + (capacity or 0))
+        src = torch.randint(3, 13, (4, 5), generator=generator)
+        src[1:, -2:] = 0  # padded sources
+        prefix = torch.randint(3, 13, (4, 6), generator=generator)
+        prefix[0, 4:], prefix[2, 3:] = 0, 0  # finished sequences, padded afterwards
+        beams = torch.tensor(beams)
+        where = f"(beams {beams.tolist()}, capacity {capacity})"
+        with torch.no_grad():
+            memory = model.encode(src)
+            cache: dict = {"capacity": capacity}
+            model.decode(prefix, memory, src, cache)
+            before = {path: value.clone() for path, value in _tensors(cache)}
+            result = call(reorder_cache, cache, beams.clone(), what="reorder_cache",
+                          hints=hints)
+            if isinstance(result, dict):
+                cache = result
+            for path, old in before.items():
+                got = cache
+                for key in path:
+                    got = got.get(key) if isinstance(got, dict) else None
+                got = expect_tensor(got, f"{_name(path)} after your call {where}")
+                old = old.float() if old.dtype == torch.bool else old  # compared as numbers
+                if same(got, old.index_select(0, beams), equal_nan=True):
+                    continue
+                if same(got, old, equal_nan=True):
+                    part = ("; cross-attention's keys and values come from each row's "
+                            "source, so they follow the rows too" if "cross" in path else "")
+                    fail(f"{_name(path)} was not reordered {where}: every tensor of the "
+                         f"cache has one row per sequence{part}.")
+                if old.dim() > 2 and same(got, old.index_select(1, beams), equal_nan=True):
+                    fail(f"{_name(path)} {where}: you reordered the heads (axis 1); the "
+                         "sequences are axis 0, (batch, heads, L, d_head).")
+                scattered = old.clone()
+                scattered[beams] = old
+                if len(set(beams.tolist())) == len(beams) and same(got, scattered,
+                                                                    equal_nan=True):
+                    fail(f"{_name(path)} {where}: row b's cache was scattered to row "
+                         "beams[b]; row b must receive the cache of its parent, row beams[b] "
+                         "(`index_select(0, beams)`).")
+                fail(f"{_name(path)} {where} should hold row beams[b] of the old tensor in "
+                     "row b.")
 
 
 # ----------------------------------------------------------------------------- 8.5
@@ -492,7 +497,7 @@ def _diagnose_chunk(out, q, k, v, start, end, where):
     )
 
 
-# ----------------------------------------------------------------------------- 8.6
+# ----------------------------------------------------------------------------- 8.4
 
 
 def _grouped_reference(q, k, v):
@@ -502,7 +507,7 @@ def _grouped_reference(q, k, v):
     return _attend(q, k, v, is_causal_mask(q.size(2)))
 
 
-@exercise("8.6", "A grouped-query step with a smaller cache")
+@exercise("8.4", "A grouped-query step with a smaller cache")
 def check_grouped_query_step(grouped_query_step):
     expect_callable(
         grouped_query_step, "your step function", "check_grouped_query_step(grouped_query_step)"
@@ -562,3 +567,78 @@ def check_grouped_query_step(grouped_query_step):
                 f"your output {where} differs from attention of each query head over "
                 "its group's cached keys and values."
             )
+
+
+# ----------------------------------------------------------------------------- 8.6
+
+
+def _pool_variant(linear, num_heads, num_kv_heads, *, groups="neighbours", reduce="mean",
+                  bias="pooled"):
+    """Exercise 8.4 written right, and as its slips: ``groups="strided"`` pools heads
+    i, i + G, ...; ``reduce`` "sum" or "first"; ``bias`` "dropped" or "sliced"."""
+    d_head = linear.out_features // num_heads
+    group = num_heads // num_kv_heads
+    w = linear.weight.detach().view(num_heads, d_head, -1)
+    b = linear.bias.detach().view(num_heads, d_head)
+    if groups == "strided":
+        w, b = (x.view(group, num_kv_heads, *x.shape[1:]).transpose(0, 1) for x in (w, b))
+    else:
+        w, b = (x.view(num_kv_heads, group, *x.shape[1:]) for x in (w, b))
+    pick = {"mean": lambda x: x.mean(1), "sum": lambda x: x.sum(1), "first": lambda x: x[:, 0]}
+    w, pooled = pick[reduce](w), pick[reduce](b)
+    out = torch.nn.Linear(linear.in_features, num_kv_heads * d_head, bias=bias != "dropped")
+    with torch.no_grad():
+        out.weight.copy_(w.reshape(num_kv_heads * d_head, -1))
+        if bias == "pooled":
+            out.bias.copy_(pooled.reshape(-1))
+        elif bias == "sliced":
+            out.bias.copy_(linear.bias[: num_kv_heads * d_head])
+    return out
+
+
+_POOL = [
+    Mistake("pools heads i, i + G, i + 2G, ... (a strided group): the query heads of a group "
+            "are neighbours, head i belongs to group i // (num_heads // num_kv_heads), as in "
+            "exercise 8.4.", partial(_pool_variant, groups="strided"),
+            when=lambda linear, h, g: 1 < g < h),
+    Mistake("sums the heads of a group: average them, or each pooled key is `group` times "
+            "too large.", partial(_pool_variant, reduce="sum"), when=lambda linear, h, g: g < h),
+    Mistake("keeps the first head of each group: mean pooling averages every head of the "
+            "group (Ainslie et al., 2023).", partial(_pool_variant, reduce="first"),
+            when=lambda linear, h, g: g < h),
+    Caught(partial(_pool_variant, bias="dropped"), "has no bias"),
+    Caught(partial(_pool_variant, bias="sliced"), "differs from the mean of each group's head"),
+]
+
+
+@exercise("8.6", "Grouped-query attention from a multi-head layer", mistakes={"pool_kv_heads": _POOL})
+def check_pool_kv_heads(pool_kv_heads):
+    expect_callable(pool_kv_heads, "your pooling function", "check_pool_kv_heads(pool_kv_heads)")
+    for d_model, heads, kv_heads in [(12, 6, 3), (8, 4, 1), (12, 6, 2), (8, 4, 4), (16, 8, 2)]:
+        torch.manual_seed(d_model * heads + kv_heads)  # under fork_rng: the notebook's kept
+        linear = torch.nn.Linear(d_model, d_model)
+        saved = linear.weight.detach().clone(), linear.bias.detach().clone()
+        where = f"(d_model {d_model}, {heads} heads -> {kv_heads} key/value heads)"
+        got = call(pool_kv_heads, linear, heads, kv_heads, what="pool_kv_heads")
+        expect_unchanged(saved[0], linear.weight.detach(), "linear.weight")
+        if not isinstance(got, torch.nn.Linear):
+            fail(f"pool_kv_heads should return a torch.nn.Linear {where}; it returned a "
+                 f"{type(got).__name__}.")
+        d_head = d_model // heads
+        shape = (kv_heads * d_head, d_model)
+        if tuple(got.weight.shape) != shape:
+            fail(f"your layer's weight {where} has shape {tuple(got.weight.shape)}, expected "
+                 f"{shape}: {kv_heads} heads of {d_head} output features each, from all "
+                 f"{d_model} inputs (pool the output features, the heads).")
+        expected = _pool_variant(linear, heads, kv_heads)
+        if got.bias is None:
+            fail(f"your layer {where} has no bias: the key projection has one, and it is "
+                 "pooled like the weight.")
+        if not same(got.weight, expected.weight):
+            name_mistake(got.weight, _POOL, linear, heads, kv_heads, pick=lambda x: x.weight,
+                         prefix=f"your layer {where} ",
+                         general=f"your layer's weight {where} differs from the mean of each "
+                         "group's heads.")
+        if not same(got.bias, expected.bias):
+            fail(f"your layer's bias {where} differs from the mean of each group's head "
+                 "biases: pool the bias as the weight.")

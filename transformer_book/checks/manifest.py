@@ -299,13 +299,13 @@ NOTEBOOKS = {
     ],
     "08_fast_decoding.ipynb": [
         {
-            "source": "check_self_attention_step(self_attention_step)",
+            "source": "check_ring_window_step(ring_window_step)",
             "exercises": [
                 {
-                    "check": "check_self_attention_step",
+                    "check": "check_ring_window_step",
                     "module": "transformer_book.checks.ch08",
                     "number": "8.1",
-                    "title": "One step of self-attention with a key/value cache"
+                    "title": "A sliding-window cache that never copies"
                 }
             ]
         },
@@ -321,24 +321,24 @@ NOTEBOOKS = {
             ]
         },
         {
-            "source": "check_sliding_window_step(sliding_window_step)",
+            "source": "check_reorder_cache(reorder_cache)",
             "exercises": [
                 {
-                    "check": "check_sliding_window_step",
+                    "check": "check_reorder_cache",
                     "module": "transformer_book.checks.ch08",
                     "number": "8.3",
-                    "title": "A sliding-window cache"
+                    "title": "Reordering the cache for beam search"
                 }
             ]
         },
         {
-            "source": "check_kv_cache_bytes(kv_cache_bytes)",
+            "source": "check_grouped_query_step(grouped_query_step)",
             "exercises": [
                 {
-                    "check": "check_kv_cache_bytes",
+                    "check": "check_grouped_query_step",
                     "module": "transformer_book.checks.ch08",
                     "number": "8.4",
-                    "title": "The size of a grouped-query cache"
+                    "title": "A grouped-query step with a smaller cache"
                 }
             ]
         },
@@ -354,13 +354,13 @@ NOTEBOOKS = {
             ]
         },
         {
-            "source": "check_grouped_query_step(grouped_query_step)",
+            "source": "check_pool_kv_heads(pool_kv_heads)",
             "exercises": [
                 {
-                    "check": "check_grouped_query_step",
+                    "check": "check_pool_kv_heads",
                     "module": "transformer_book.checks.ch08",
                     "number": "8.6",
-                    "title": "A grouped-query step with a smaller cache"
+                    "title": "Grouped-query attention from a multi-head layer"
                 }
             ]
         }
