@@ -290,30 +290,6 @@ def same(actual, expected, atol: float = 1e-5, rtol: float = 1e-4, equal_nan: bo
     return bool(torch.allclose(actual, expected, atol=atol, rtol=rtol, equal_nan=equal_nan))
 
 
-def attempt(compute):
-    """The value of a would-be wrong answer, or None when its shapes do not fit this case."""
-    try:
-        return compute()
-    except RuntimeError:
-        return None
-
-
-def diagnose(actual, candidates, general: str | None = None, **tolerance) -> None:
-    """Name the mistake: fail with the message of the first candidate ``actual`` matches.
-
-    ``candidates`` holds (wrong answer, message) pairs; a wrong answer is a tensor, None
-    (skipped), or a function computing it (skipped when its shapes do not fit). When
-    nothing matches and ``general`` is given, fail with ``general``.
-    """
-    for wrong, message in candidates:
-        if callable(wrong):
-            wrong = attempt(wrong)
-        if same(actual, wrong, **tolerance):
-            fail(message)
-    if general is not None:
-        fail(general)
-
-
 def expect_unchanged(before: torch.Tensor, after: torch.Tensor, name: str) -> None:
     """Fail when student code modified its input ``name`` in place."""
     if not torch.equal(before, after):
@@ -443,11 +419,6 @@ def refused(students, targets, message: str):
             scope[name] = original
         for cell, original in cells:
             cell.cell_contents = original
-
-
-def forbidden(targets, message: str):
-    """:func:`refused` for attributes only (no student functions to rebind)."""
-    return refused((), targets, message)
 
 
 def attention_functions() -> list[tuple[object, str]]:

@@ -30,9 +30,9 @@ from ._core import (
     expect_shape,
     expect_unchanged,
     fail,
-    forbidden,
     name_mistake,
     randn,
+    refused,
     same,
 )
 
@@ -229,11 +229,9 @@ def _call_layer_norm(layer_norm, x, normalized_shape, weight=None, bias=None, ep
         kwargs["eps"] = eps
     args = ", ".join(["x", str(tuple(normalized_shape))] + [f"{k}=..." for k, v in kwargs.items() if v is not None])
     before = x.detach().clone()
-    with forbidden(
-        _LAYER_NORM_BUILTINS,
-        "your layer_norm calls PyTorch's layer norm (F.layer_norm, torch.layer_norm or "
-        "nn.LayerNorm): the exercise is to write the formula yourself (mean, variance, sqrt).",
-    ):
+    with refused([layer_norm], _LAYER_NORM_BUILTINS, "your layer_norm calls PyTorch's layer "
+                 "norm (F.layer_norm, torch.layer_norm or nn.LayerNorm): the exercise is to "
+                 "write the formula yourself (mean, variance, sqrt)."):
         y = call(layer_norm, x, tuple(normalized_shape), what=f"layer_norm({args})", **kwargs)
     expect_unchanged(before, x.detach(), "x")
     return expect_shape(y, x.shape, f"layer_norm({args}) for x of shape {tuple(x.shape)}")
@@ -576,7 +574,7 @@ _BATCH_NORM_CAUGHT = [
 
 def _call_bn(module, x, what):
     before = x.detach().clone()
-    with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
+    with refused([type(module)], _BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
         y = call(module, x, what=what)
     expect_unchanged(before, x.detach(), "x")
     return expect_shape(y, x.shape, f"{what} for x of shape {tuple(x.shape)}")
@@ -647,7 +645,7 @@ def _bn_eval(student, reference, x, new_w, new_b, eps, what, args) -> None:
 
 def _bn_layout(BatchNorm1d, number, layout, C, kwargs, shapes, momentum, eps) -> None:  # noqa: N803
     args = ", ".join([str(C)] + [f"{k}={v}" for k, v in kwargs.items()])
-    with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
+    with refused([BatchNorm1d], _BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
         student = call(BatchNorm1d, C, what=f"BatchNorm1d({args})", **kwargs)
     reference = nn.BatchNorm1d(C, **kwargs)
     weight = _param(student, "weight", (C,), 1, "BatchNorm1d")
@@ -697,7 +695,7 @@ def _check_batch_norm_eps(BatchNorm1d) -> None:  # noqa: N803 - the argument is 
     Fails only on the mistakes it recognises; anything else is left to the main checks.
     """
     what = "BatchNorm1d(3) in training mode, on a batch whose feature 0 is constant"
-    with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
+    with refused([BatchNorm1d], _BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
         student = call(BatchNorm1d, 3, what="BatchNorm1d(3)")
     student.train()
     x = _randn(6, 3, seed=120, scale=2.0)
@@ -802,13 +800,13 @@ def _with_weight_of(norm, x, d, eps):
 
 
 def _rms_case(RMSNorm, what, x, d, eps, message) -> None:  # noqa: N803
-    with forbidden(_RMS_NORM_BUILTINS, message):
+    with refused([RMSNorm], _RMS_NORM_BUILTINS, message):
         norm = call(RMSNorm, d, eps=eps, what=f"RMSNorm({d}, eps={eps})")
     weight = _param(norm, "weight", (d,), 1, "RMSNorm")
     w = _randn(d, seed=60 + d, scale=0.5, shift=1.0)
     _set_(weight, w)
     before = x.clone()
-    with torch.no_grad(), forbidden(_RMS_NORM_BUILTINS, message):
+    with torch.no_grad(), refused([RMSNorm], _RMS_NORM_BUILTINS, message):
         y = call(norm, x, what=f"RMSNorm({d}, eps={eps})(x)")
     expect_unchanged(before, x, "x")
     y = expect_shape(y, x.shape, f"RMSNorm({d}) on {what}")
