@@ -222,14 +222,12 @@ def _additive_cases(generator):
         ((2,), 3, 4, 3, 5, 2, 6, 150.0),
     ]
     for batch, lq, lk, d_q, d_k, d_v, d_h, scale in shapes:
-        yield dict(
-            query=_random(*batch, lq, d_q, generator=generator),
-            key=_random(*batch, lk, d_k, generator=generator),
-            value=_random(*batch, lk, d_v, generator=generator),
-            w_q=_weight(d_h, d_q, generator),
-            w_k=_weight(d_h, d_k, generator),
-            w_s=_random(d_h, generator=generator, scale=scale),
-        )
+        yield dict(query=_random(*batch, lq, d_q, generator=generator),
+                   key=_random(*batch, lk, d_k, generator=generator),
+                   value=_random(*batch, lk, d_v, generator=generator),
+                   w_q=_weight(d_h, d_q, generator),
+                   w_k=_weight(d_h, d_k, generator),
+                   w_s=_random(d_h, generator=generator, scale=scale))
 
 
 @exercise("1.1", "Additive (Bahdanau) attention", mistakes={
@@ -281,12 +279,10 @@ def _pool_cases(generator):
         ((2,), 5, 6, 9, 3, 40.0),
     ]
     for batch, length, d_model, d_k, d_v, scale in shapes:
-        yield dict(
-            x=_random(*batch, length, d_model, generator=generator, scale=scale),
-            query=_random(d_k, generator=generator),
-            w_k=_weight(d_k, d_model, generator),
-            w_v=_weight(d_v, d_model, generator),
-        )
+        yield dict(x=_random(*batch, length, d_model, generator=generator, scale=scale),
+                   query=_random(d_k, generator=generator),
+                   w_k=_weight(d_k, d_model, generator),
+                   w_v=_weight(d_v, d_model, generator))
 
 
 def _pool_reference(x, query, w_k, w_v):

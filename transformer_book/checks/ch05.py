@@ -148,10 +148,9 @@ def _block_layers(block, d_model: int, hidden: int, where: str):
     fc1, fc2 = (getattr(block, name, None) for name in ("fc1", "fc2"))
     for name, layer in [("fc1", fc1), ("fc2", fc2)]:
         if not isinstance(layer, nn.Module):
-            fail(f"{where} has no submodule `{name}`: create "
-                 "`self.fc1 = nn.Linear(d_model, hidden)` and "
-                 "`self.fc2 = nn.Linear(hidden, d_model)` in __init__ (the check looks the "
-                 "layers up by these names).")
+            fail(f"{where} has no submodule `{name}`: create `self.fc1 = nn.Linear(d_model, "
+                 "hidden)` and `self.fc2 = nn.Linear(hidden, d_model)` in __init__ (the check "
+                 "looks the layers up by these names).")
     for name, layer, n_in, n_out in [("fc1", fc1, d_model, hidden), ("fc2", fc2, hidden, d_model)]:
         if not isinstance(layer, nn.Linear):
             fail(f"{where}: `{name}` should be an nn.Linear, but it is a {type(layer).__name__}.")
@@ -215,48 +214,33 @@ def _check_initialization(block_class) -> None:
     fc1, fc2 = _block_layers(block, _INIT_D, _INIT_H, where)
     w1 = fc1.weight.detach().double()
     if (w1 == 0).all():
-        fail(
-            f"{where}: fc1's weight is all zeros. With fc2 at zero too, the block is stuck: "
-            "fc2's gradient is relu(fc1(x)) = 0 and fc1's gradient passes through fc2 = 0, "
-            "so nothing ever learns. Only fc2 starts at zero; fc1 gets Kaiming's init."
-        )
+        fail(f"{where}: fc1's weight is all zeros. With fc2 at zero too, the block is stuck: "
+             "fc2's gradient is relu(fc1(x)) = 0 and fc1's gradient passes through fc2 = 0, "
+             "so nothing ever learns. Only fc2 starts at zero; fc1 gets Kaiming's init.")
     if (fc2.weight != 0).any():
-        fail(
-            f"{where}: fc2's weight is not zero, so the block does not start as the "
-            "identity. Set it to zero in __init__ (nn.init.zeros_(self.fc2.weight)), and "
-            "fc2's bias too."
-        )
+        fail(f"{where}: fc2's weight is not zero, so the block does not start as the identity. Set "
+             "it to zero in __init__ (nn.init.zeros_(self.fc2.weight)), and fc2's bias too.")
     if (fc2.bias != 0).any():
-        fail(
-            f"{where}: fc2's weight is zero but its bias is not, so the block adds a "
-            "constant to every input instead of starting as the identity: "
-            "nn.init.zeros_(self.fc2.bias)."
-        )
+        fail(f"{where}: fc2's weight is zero but its bias is not, so the block adds a constant to "
+             "every input instead of starting as the identity: nn.init.zeros_(self.fc2.bias).")
     std = w1.std().item()  # (before fc1's bias: a forgotten init leaves both, name the init)
     closest = min(_INIT_STDS, key=lambda name: abs(_INIT_STDS[name] - std))
     if abs(std - _INIT_STDS["kaiming"]) < 0.05 * _INIT_STDS["kaiming"]:
         if (fc1.bias != 0).any():
-            fail(
-                f"{where}: fc1's bias is not zero. The variance-preserving initialization of "
-                "the chapter sets the biases to zero: nn.init.zeros_(self.fc1.bias)."
-            )
+            fail(f"{where}: fc1's bias is not zero. The variance-preserving initialization of "
+                 "the chapter sets the biases to zero: nn.init.zeros_(self.fc1.bias).")
         return
     hints = {
-        "lecun": "variance 1 / fan_in (LeCun's init, or kaiming with nonlinearity='linear'): "
-        "the layer before a ReLU needs 2 / fan_in, since the ReLU keeps about half of the "
-        "mean square.",
+        "lecun": "variance 1 / fan_in (LeCun's init, or kaiming with nonlinearity='linear'): the "
+        "layer before a ReLU needs 2 / fan_in, since the ReLU keeps about half of the mean square.",
         "fan_out": "variance 2 / hidden: kaiming with mode='fan_out' counts the outputs; "
         "the forward signal needs fan_in = d_model (the default mode).",
-        "default": "PyTorch's default nn.Linear init (variance 1 / (3 fan_in)), which shrinks "
-        "the signal: initialize fc1.weight with nn.init.kaiming_normal_(..., "
-        "nonlinearity='relu').",
+        "default": "PyTorch's default nn.Linear init (variance 1 / (3 fan_in)), which shrinks the "
+        "signal: initialize fc1.weight with nn.init.kaiming_normal_(..., nonlinearity='relu').",
     }
-    fail(
-        f"{where}: fc1's weight has standard deviation {std:.4f}, expected "
-        f"sqrt(2 / d_model) = {_INIT_STDS['kaiming']:.4f} (Kaiming for the layer before "
-        "the ReLU). "
-        + (f"It looks like {hints[closest]}" if closest in hints else "")
-    )
+    fail(f"{where}: fc1's weight has standard deviation {std:.4f}, expected sqrt(2 / d_model) = "
+         f"{_INIT_STDS['kaiming']:.4f} (Kaiming for the layer before the ReLU). "
+         + (f"It looks like {hints[closest]}" if closest in hints else ""))
 
 
 def _check_fresh_block(block, x, where: str) -> None:
@@ -439,8 +423,7 @@ def check_residual_mlp(model_class):
         if not same(out, x, atol=1e-6, rtol=0):
             if same(out, x * 2.0**depth):
                 fail(f"{where} with every fc2 at zero returns 2**depth * x: the skip is added "
-                     "twice (h = h + block(h) around blocks that already add x). Use "
-                     "h = block(h).")
+                     "twice (h = h + block(h) around blocks that already add x). Use h = block(h).")
             fail(f"{where} with every fc2 at zero does not return its input: a stack of "
                  "residual blocks whose sublayers output 0 must be the identity.")
 
@@ -451,14 +434,12 @@ def check_residual_mlp(model_class):
 def _probe_models():
     """(layers, loss function, input shape, dtype) for the cases the probe is tried on."""
     torch.manual_seed(0)
-    mlp = nn.Sequential(
-        nn.Linear(5, 7),
-        nn.ReLU(),
-        nn.Linear(7, 7, bias=False),
-        nn.Tanh(),
-        nn.Linear(7, 4),
-        nn.Linear(4, 3),
-    )
+    mlp = nn.Sequential(nn.Linear(5, 7),
+                        nn.ReLU(),
+                        nn.Linear(7, 7, bias=False),
+                        nn.Tanh(),
+                        nn.Linear(7, 4),
+                        nn.Linear(4, 3))
 
     def mlp_loss(x):
         return (mlp(x) ** 2).mean()

@@ -54,11 +54,9 @@ def _normalize(x, dims, eps, correction=0, eps_outside=False, center=True):
 def _param(module, name: str, shape, init: float, cls_name: str):
     value = getattr(module, name, None)
     if not isinstance(value, nn.Parameter):
-        fail(
-            f"{cls_name} has no parameter `{name}`: create it in __init__ as "
-            f"self.{name} = nn.Parameter(torch.{'ones' if init == 1 else 'zeros'}({shape[0]})), "
-            "so that it is trained and saved in the state_dict."
-        )
+        fail(f"{cls_name} has no parameter `{name}`: create it in __init__ as "
+             f"self.{name} = nn.Parameter(torch.{'ones' if init == 1 else 'zeros'}({shape[0]})), "
+             "so that it is trained and saved in the state_dict.")
     if tuple(value.shape) != tuple(shape):
         fail(f"{cls_name}.{name} has shape {tuple(value.shape)}, expected {tuple(shape)} (one value per feature).")
     if not torch.equal(value.detach(), torch.full(tuple(shape), float(init), dtype=value.dtype)):
@@ -83,34 +81,27 @@ def _grads(fn, inputs, upstream, what: str):
 
 def _expect_graph(out, what: str) -> None:
     if not (isinstance(out, torch.Tensor) and out.requires_grad):
-        fail(
-            f"{what}: the output does not require grad although its inputs do: the computation "
-            "is cut off from autograd (torch.no_grad(), .detach(), .data, .item() or numpy)."
-        )
+        fail(f"{what}: the output does not require grad although its inputs do: the computation "
+             "is cut off from autograd (torch.no_grad(), .detach(), .data, .item() or numpy).")
 
 
 def _compare_grads(mine, theirs, names, what: str) -> None:
     for name, a, b in zip(names, mine, theirs):
         if a is None:
-            fail(
-                f"{what}: no gradient reaches {name}: is it detached (.detach(), .data, "
-                "torch.no_grad(), or numpy) on the way to the output?"
-            )
+            fail(f"{what}: no gradient reaches {name}: is it detached (.detach(), .data, "
+                 "torch.no_grad(), or numpy) on the way to the output?")
         if not same(a, b, atol=1e-4, rtol=1e-3):
-            fail(
-                f"{what}: the outputs match but the gradient with respect to {name} does not "
-                f"(largest difference {(a - b).abs().max().item():.3g}): is part of the "
-                "computation detached (.detach(), .data, .item()) or done in place?"
-            )
+            fail(f"{what}: the outputs match but the gradient with respect to {name} does not "
+                 f"(largest difference {(a - b).abs().max().item():.3g}): is part of the "
+                 "computation detached (.detach(), .data, .item()) or done in place?")
 
 
 def _float32_only(y, expected, in_float32) -> None:
     """A float64 result that is right only to float32 precision: named."""
     if not same(y, expected, atol=1e-10, rtol=1e-8) and same(y, in_float32, atol=1e-6, rtol=1e-5):
         fail("for a float64 input your output has only float32 precision (it differs from the "
-             f"float64 result by {(y - expected).abs().max().item():.1e}): part of it is "
-             "computed in float32 (x.float(), a float32 constant or tensor). Compute in the "
-             "input's dtype.")
+             f"float64 result by {(y - expected).abs().max().item():.1e}): part of it is computed "
+             "in float32 (x.float(), a float32 constant or tensor). Compute in the input's dtype.")
 
 
 # --------------------------------------------------------------------------- exercise 6.1
@@ -448,10 +439,8 @@ _RUNNING = [  # found: the running statistics next to what each mistake would le
 def _check_running(student, reference, old_mean, old_var, x, momentum, step: str) -> None:
     mean_s, var_s = student.running_mean, student.running_var
     if mean_s.requires_grad or var_s.requires_grad:
-        fail(
-            f"after {step}, running_mean or running_var requires grad: the update is recorded by "
-            "autograd. Update them under torch.no_grad() (or from .detach()ed batch statistics)."
-        )
+        fail(f"after {step}, running_mean or running_var requires grad: the update is recorded by "
+             "autograd. Update them under torch.no_grad() (or from .detach()ed batch statistics).")
     mean_r, var_r = reference.running_mean, reference.running_var
     if same(mean_s, mean_r) and same(var_s, var_r):
         return
@@ -881,12 +870,10 @@ def _check_dropout_rescaling(ScaledAddNorm, d, x, s) -> None:  # noqa: N803
     if (((branch - 2 * sd).abs() < 1e-5) | dropped).all():
         return  # kept values scaled by 1 / (1 - p) = 2
     if (((branch - sd).abs() < 1e-5) | dropped).all():
-        fail(
-            "with dropout=0.5 in training mode, the sublayer values your dropout keeps are "
-            "not rescaled: they should be multiplied by 1 / (1 - p) = 2, so that the "
-            "expected value of dropout(s) is s and training matches evaluation, where "
-            "nothing is dropped. Use nn.Dropout, or divide the kept values by (1 - p)."
-        )
+        fail("with dropout=0.5 in training mode, the sublayer values your dropout keeps are "
+             "not rescaled: they should be multiplied by 1 / (1 - p) = 2, so that the "
+             "expected value of dropout(s) is s and training matches evaluation, where "
+             "nothing is dropped. Use nn.Dropout, or divide the kept values by (1 - p).")
 
 
 class _ScaledAddNorm(nn.Module):
@@ -977,24 +964,17 @@ def _scaled_norm(block, d: int):
     """The block's `.norm`: a layer norm with a gain and a shift of d features."""
     norm = getattr(block, "norm", None)
     if isinstance(norm, nn.Module) and getattr(norm, "weight", None) is None:
-        fail(
-            "ScaledAddNorm.norm has no learned gain and shift (`weight` and `bias` are "
-            "None: nn.LayerNorm(d_model, elementwise_affine=False)?). The Add & Norm's "
-            "LayerNorm has both, gamma and beta: self.norm = LayerNorm(d_model) or "
-            "nn.LayerNorm(d_model)."
-        )
+        fail("ScaledAddNorm.norm has no learned gain and shift (`weight` and `bias` are None: "
+             "nn.LayerNorm(d_model, elementwise_affine=False)?). The Add & Norm's LayerNorm has "
+             "both, gamma and beta: self.norm = LayerNorm(d_model) or nn.LayerNorm(d_model).")
     if not (isinstance(norm, nn.Module) and isinstance(getattr(norm, "weight", None), torch.Tensor)):
-        fail(
-            "ScaledAddNorm has no layer norm at `.norm` with a `weight`: keep it there, as "
-            "AddNorm does (self.norm = LayerNorm(d_model) or nn.LayerNorm(d_model))."
-        )
+        fail("ScaledAddNorm has no layer norm at `.norm` with a `weight`: keep it there, as "
+             "AddNorm does (self.norm = LayerNorm(d_model) or nn.LayerNorm(d_model)).")
     norm_bias = getattr(norm, "bias", None)
     if norm_bias is None:
-        fail(
-            "ScaledAddNorm.norm has a learned gain but no shift (`bias` is None: "
-            "nn.LayerNorm(d_model, bias=False)?). The Add & Norm's LayerNorm has both, "
-            "gamma and beta: nn.LayerNorm(d_model) or the chapter's LayerNorm."
-        )
+        fail("ScaledAddNorm.norm has a learned gain but no shift (`bias` is None: "
+             "nn.LayerNorm(d_model, bias=False)?). The Add & Norm's LayerNorm has both, "
+             "gamma and beta: nn.LayerNorm(d_model) or the chapter's LayerNorm.")
     if tuple(norm.weight.shape) != (d,) or not isinstance(norm_bias, torch.Tensor) or tuple(norm_bias.shape) != (d,):
         fail(f"ScaledAddNorm.norm should normalize over d_model = {d} features, with weight and bias of shape ({d},).")
     return norm
@@ -1020,16 +1000,12 @@ def _scaled_dropout(ScaledAddNorm, d: int) -> None:  # noqa: N803
         zero = call(block, x, torch.zeros_like(s), what="ScaledAddNorm in training mode")
         first, second = call(block, x, s), call(block, x, s)
     if not same(zero, F.layer_norm(1.5 * x, (d,), block.norm.weight.detach(), block.norm.bias.detach())):
-        fail(
-            "with dropout=0.5 in training mode and a sublayer output of zeros, your output is not "
-            "norm(alpha * x): dropout reaches the residual x (or the sum). It belongs on the "
-            "sublayer output only: norm(alpha * x + dropout(sublayer_output))."
-        )
+        fail("with dropout=0.5 in training mode and a sublayer output of zeros, your output is not "
+             "norm(alpha * x): dropout reaches the residual x (or the sum). It belongs on the "
+             "sublayer output only: norm(alpha * x + dropout(sublayer_output)).")
     if torch.equal(first, second):
-        fail(
-            "with dropout=0.5 in training mode, two calls give the same output: dropout is not "
-            "applied. Apply self.dropout (an nn.Dropout) to the sublayer output."
-        )
+        fail("with dropout=0.5 in training mode, two calls give the same output: dropout is not "
+             "applied. Apply self.dropout (an nn.Dropout) to the sublayer output.")
 
     _check_dropout_rescaling(ScaledAddNorm, d, x, s)
 

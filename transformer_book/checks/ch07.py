@@ -203,9 +203,8 @@ def check_sinusoidal_encoding(sinusoidal_encoding):
         if isinstance(failure.__cause__, ValueError):
             return
         raise
-    fail("sinusoidal_encoding(positions, 7) returned a result: an odd d_model has no cosine "
-         "column for its last sine; raise ValueError with one sentence saying d_model must "
-         "be even.")
+    fail("sinusoidal_encoding(positions, 7) returned a result: an odd d_model has no cosine column "
+         "for its last sine; raise ValueError with one sentence saying d_model must be even.")
 
 
 # ----------------------------------------------------------------------------- exercise 7.2
@@ -1195,9 +1194,8 @@ def _classifier_parts(model, vocab, classes, d_model, layers, label):
         fail(f"{label}: `layers` holds {len(stack)} layers; num_layers={layers} were asked for.")
     if not all(isinstance(layer, EncoderLayer) for layer in stack):
         kinds = sorted({type(layer).__name__ for layer in stack})
-        fail(f"{label}: `layers` holds {', '.join(kinds)}; use the chapter's EncoderLayer "
-             "(from transformer_book.model import EncoderLayer), whose masks say True = may "
-             "attend.")
+        fail(f"{label}: `layers` holds {', '.join(kinds)}; use the chapter's EncoderLayer (from "
+             "transformer_book.model import EncoderLayer), whose masks say True = may attend.")
     if len({id(layer) for layer in stack}) < layers:
         fail(f"{label}: `layers` holds the same EncoderLayer object several times "
              "([layer] * num_layers repeats one layer, with one set of weights); build a "
@@ -1351,9 +1349,8 @@ def _classifier_case(EncoderClassifier, number, case) -> None:  # noqa: N803
             fail(f"{label}: adding three more padding positions to the batch changes the "
                  "logits: padding must not count, neither in attention (pass the padding "
                  "mask to every layer) nor in the pooling (mean over real tokens only).")
-        expect_close(logits, right[0], f"the logits of {label} differ from "
-                     "classifier(masked mean of layers(positions(embedding(tokens) * "
-                     "sqrt(d_model)), padding mask))")
+        expect_close(logits, right[0], f"the logits of {label} differ from classifier(masked mean "
+                     "of layers(positions(embedding(tokens) * sqrt(d_model)), padding mask))")
 
 
 @exercise("7.5", "An encoder-only classifier",

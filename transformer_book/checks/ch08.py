@@ -525,9 +525,8 @@ _CHUNK = [
     _STEP_OUTPUT[-1],  # unscaled
 ]
 _CHUNK_REFUSED = (
-    "write the chunk's attention yourself (F.scaled_dot_product_attention with your own mask "
-    "is fine), not with the chapter's MultiHeadAttention: its mask is what this exercise is "
-    "about."
+    "write the chunk's attention yourself (F.scaled_dot_product_attention with your own mask is "
+    "fine), not with the chapter's MultiHeadAttention: its mask is what this exercise is about."
 )
 
 
