@@ -331,6 +331,20 @@ def fmt(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
+def with_weights_of(module, *inputs, build):
+    """``run`` for a table of wrong classes (see :func:`name_mistake`): each is built by
+    ``build(wrong_class)`` like the student's ``module``, given its weights and buffers, put
+    in eval mode and applied to ``inputs``."""
+
+    def run(wrong_class):
+        twin = build(wrong_class).eval()
+        twin.load_state_dict(module.state_dict(), strict=False)
+        with torch.no_grad():
+            return twin(*inputs)
+
+    return run
+
+
 def first_difference(got: torch.Tensor, expected: torch.Tensor) -> str:
     """Where two tensors of one shape first differ, in words."""
     where = tuple(int(i) for i in (got != expected).nonzero()[0])

@@ -33,13 +33,7 @@ from ._core import (
     same,
 )
 
-ATOL, RTOL = 1e-5, 1e-4
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _close(actual, expected) -> bool:
-    return same(actual, expected, atol=ATOL, rtol=RTOL)
 
 
 def _random(*shape, generator, scale=1.0):
@@ -95,8 +89,8 @@ def _check_weights_shape(weights, expected, lq: int, lk: int, what: str, extra: 
 def _diagnose(actual, reference, table, args, general: str, pick) -> None:
     """Unless ``actual`` is the reference: the first mistake of ``table`` it matches, else
     ``general``."""
-    if not _close(actual, reference):
-        name_mistake(actual, table, *args, pick=pick, general=general, atol=ATOL, rtol=RTOL)
+    if not same(actual, reference):
+        name_mistake(actual, table, *args, pick=pick, general=general)
 
 
 def _rows_sum_message(weights: torch.Tensor) -> str | None:
@@ -433,7 +427,7 @@ def _pool_case(attention_pool, case, dtype):
                      "the inputs' dtype.")
     expect_finite(weights, "your attention weights", _OVERFLOW)
     ref_pooled, ref_w = _pool_reference(*args)
-    if length > 1 and not (_close(weights, ref_w) and _close(pooled, ref_pooled)):
+    if length > 1 and not (same(weights, ref_w) and same(pooled, ref_pooled)):
         _pool_invariance(attention_pool, inputs)
     sums = weights.detach().double().sum(dim=-1)
     general = (

@@ -35,6 +35,7 @@ from ._core import (
     name_mistake,
     refused,
     same,
+    with_weights_of,
 )
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -334,16 +335,8 @@ _COMMON = [
 ]
 
 
-def _with_weights_of(module, args, d_model, num_heads, bias):
-    """``run`` for a mistake class: built like the student's module, with its weights."""
-
-    def run(wrong_class):
-        twin = wrong_class(d_model, num_heads, bias=bias).eval()
-        twin.load_state_dict(module.state_dict(), strict=False)
-        with torch.no_grad():
-            return twin(*args)
-
-    return run
+def _twin(module, args, d_model, num_heads, bias):
+    return with_weights_of(module, *args, build=lambda c: c(d_model, num_heads, bias=bias))
 
 
 def _diagnose_module(output, module, table, run, reference, general, *args):
@@ -547,7 +540,7 @@ def _fused_case(cls, batch, length, d_model, num_heads, bias, mask_kind, generat
     with refused([cls], attention_functions(), _FROM_SCRATCH):
         output = call(ours, *args, what=what)
     expect_shape(output, (batch, length, d_model), f"The output of {what}")
-    _diagnose_module(output, ours, _FUSED, _with_weights_of(ours, args, d_model, num_heads, bias),
+    _diagnose_module(output, ours, _FUSED, _twin(ours, args, d_model, num_heads, bias),
                      (ref_out.detach().double(), ref_w.detach().double()),
                      f"The output of {what} differs from nn.MultiheadAttention with the same "
                      "weights. Check the order: project, cut into q, k, v, split heads, scaled "
@@ -675,8 +668,8 @@ def _mqa_case(cls, batch, lq, lk, d_model, num_heads, bias, mask_kind, generator
     if _close(output, reference[0]):
         _training_mode(ours, (query, key, value, mask), ref_out, ref_w, what)
     args = (query, key, value, mask)
-    _diagnose_module(output, ours, _MQA_TABLE, _with_weights_of(ours, args, d_model, num_heads,
-                                                                bias), reference,
+    _diagnose_module(output, ours, _MQA_TABLE, _twin(ours, args, d_model, num_heads, bias),
+                     reference,
                      f"The output of {what} differs from multi-head attention whose heads all "
                      "use your w_k and w_v. Check: queries split into heads, one key and one "
                      "value head broadcast over the query heads, scale 1/sqrt(d_head), merge, "

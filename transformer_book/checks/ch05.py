@@ -25,6 +25,7 @@ from ._core import (
     fail,
     name_mistake,
     same,
+    with_weights_of,
 )
 
 # (d_model, hidden, input shape): several leading shapes, d_model not a power of two.
@@ -131,16 +132,9 @@ _BLOCK_CAUGHT = [
 ]
 
 
-def _with_weights_of(block, x):
-    """``run`` for a mistake class: built at the block's sizes with the block's weights."""
-
-    def run(wrong_class):
-        twin = wrong_class(block.fc1.in_features, block.fc1.out_features).to(x.dtype)
-        twin.load_state_dict(block.state_dict(), strict=False)
-        with torch.no_grad():
-            return twin(x)
-
-    return run
+def _twin(block, x):
+    return with_weights_of(block, x, build=lambda c: c(block.fc1.in_features,
+                                                       block.fc1.out_features).to(x.dtype))
 
 
 def _block_layers(block, d_model: int, hidden: int, where: str):
@@ -187,10 +181,10 @@ def _check_block_output(block, x, d_model: int, hidden: int, where: str) -> None
         fail(f"{where}'s forward changed its input in place (e.g. `x += ...`): the caller's "
              "tensor is overwritten. Return a new tensor, `x + branch`.")
     expect_shape(out, x.shape, f"{where}'s output for an input of shape {tuple(x.shape)}")
-    right = _with_weights_of(block, x)(_Block)
+    right = _twin(block, x)(_Block)
     if same(out, right):
         return
-    name_mistake(out, _BLOCK, run=_with_weights_of(block, x), prefix=f"{where}: ")
+    name_mistake(out, _BLOCK, run=_twin(block, x), prefix=f"{where}: ")
     worst = (out.detach().to(right.dtype) - right).abs().max().item()
     fail(f"{where}'s output differs from x + fc2(relu(fc1(x))) computed with its own layers "
          f"(d_model={d_model}, hidden={hidden}, input {tuple(x.shape)}; largest difference "
@@ -249,7 +243,7 @@ def _check_fresh_block(block, x, where: str) -> None:
     expect_shape(y, x.shape, f"{where}'s output for an input of shape {tuple(x.shape)}")
     fc2_zero = (block.fc2.weight == 0).all() and (block.fc2.bias == 0).all()
     if fc2_zero and not same(y, x, atol=0, rtol=0):
-        name_mistake(y, _BLOCK, run=_with_weights_of(block, x), prefix=f"a fresh {where}: ")
+        name_mistake(y, _BLOCK, run=_twin(block, x), prefix=f"a fresh {where}: ")
         fail(f"a fresh {where}, whose fc2 is zero, does not return its input: a residual block "
              "whose branch outputs 0 must be the identity, y = x + 0.")
 

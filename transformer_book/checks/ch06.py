@@ -34,9 +34,8 @@ from ._core import (
     randn,
     refused,
     same,
+    with_weights_of,
 )
-
-_randn = randn
 
 # --------------------------------------------------------------------------- shared helpers
 
@@ -264,29 +263,29 @@ def check_layer_norm(layer_norm):
     """Compare ``layer_norm(x, normalized_shape, weight, bias, eps)`` with ``F.layer_norm``."""
     expect_callable(layer_norm, "your layer_norm function", "check_layer_norm(layer_norm)")
     # (x, normalized_shape, weight, bias) cases; row 1 of the first is nearly constant
-    quiet = _randn(2, 3, 5, seed=0, scale=2.0, shift=1.0)
+    quiet = randn(2, 3, 5, seed=0, scale=2.0, shift=1.0)
     quiet[0, 1] = quiet[0, 1] * 1e-3  # a token whose features barely vary
     quiet[1, 2] = 3.0  # a constant token: variance exactly 0
     cases = [
         ("a (2, 3, 5) input", quiet, (5,), None, None),
-        ("a (4, 7, 6) input with weight and bias", _randn(4, 7, 6, seed=1, scale=3.0, shift=-2.0),
-         (6,), _randn(6, seed=2), _randn(6, seed=3)),
-        ("a (2, 3, 4, 5) input with normalized_shape (4, 5)", _randn(2, 3, 4, 5, seed=4, scale=2.0),
-         (4, 5), _randn(4, 5, seed=5), _randn(4, 5, seed=6)),
-        ("a (5, 33) input", _randn(5, 33, seed=7, shift=5.0), (33,), None, None),
-        ("a single token of one feature, (3, 1)", _randn(3, 1, seed=8), (1,), None, _randn(1, seed=9)),
+        ("a (4, 7, 6) input with weight and bias", randn(4, 7, 6, seed=1, scale=3.0, shift=-2.0),
+         (6,), randn(6, seed=2), randn(6, seed=3)),
+        ("a (2, 3, 4, 5) input with normalized_shape (4, 5)", randn(2, 3, 4, 5, seed=4, scale=2.0),
+         (4, 5), randn(4, 5, seed=5), randn(4, 5, seed=6)),
+        ("a (5, 33) input", randn(5, 33, seed=7, shift=5.0), (33,), None, None),
+        ("a single token of one feature, (3, 1)", randn(3, 1, seed=8), (1,), None, randn(1, seed=9)),
     ]
     for case in cases:
         _layer_norm_case(layer_norm, *case)
     # the eps argument is used
-    x = _randn(3, 8, seed=10, scale=0.05)  # variance 0.0025: eps = 1e-2 matters
+    x = randn(3, 8, seed=10, scale=0.05)  # variance 0.0025: eps = 1e-2 matters
     y = _call_layer_norm(layer_norm, x, (8,), eps=1e-2)
     expected = _reference_layer_norm(x, (8,), eps=1e-2)
     if not same(y, expected):
         name_mistake(y, _EPS, x, (8,), None, None, 1e-2)
         expect_close(y, expected, "layer_norm(x, (8,), eps=1e-2) differs from F.layer_norm")
     # float64 stays float64 and precise
-    x = _randn(2, 4, 10, seed=11, dtype=torch.float64)
+    x = randn(2, 4, 10, seed=11, dtype=torch.float64)
     y = _call_layer_norm(layer_norm, x, (10,))
     expect_dtype(y, torch.float64, f"for a float64 input your output is {y.dtype}: keep the "
                  "input's dtype (no .float()).")
@@ -294,10 +293,10 @@ def check_layer_norm(layer_norm):
     _float32_only(y, expected, _reference_layer_norm(x.float(), (10,)).double())
     expect_close(y, expected, "layer_norm differs from F.layer_norm in float64", atol=1e-10, rtol=1e-8)
     # gradients with respect to x, weight and bias
-    x = _randn(3, 5, 6, seed=12, scale=2.0).requires_grad_()
-    weight = _randn(6, seed=13).requires_grad_()
-    bias = _randn(6, seed=14).requires_grad_()
-    upstream = _randn(3, 5, 6, seed=15)
+    x = randn(3, 5, 6, seed=12, scale=2.0).requires_grad_()
+    weight = randn(6, seed=13).requires_grad_()
+    bias = randn(6, seed=14).requires_grad_()
+    upstream = randn(3, 5, 6, seed=15)
     mine = _grads(lambda: _call_layer_norm(layer_norm, x, (6,), weight, bias), (x, weight, bias), upstream, "layer_norm")
     theirs = _grads(lambda: _reference_layer_norm(x, (6,), weight, bias), (x, weight, bias), upstream, "F.layer_norm")
     _compare_grads(mine, theirs, ["x", "weight", "bias"], "layer_norm")
@@ -595,7 +594,7 @@ def _bn_train_step(student, reference, weight, bias, x, momentum, eps, what, arg
     y = _call_bn(student, x, what)
     expected = reference(x)
     _check_train_output(y, x, old, weight, bias, eps, expected.detach().double(), what)
-    upstream = _randn(*x.shape, seed=90 + step)
+    upstream = randn(*x.shape, seed=90 + step)
     _expect_graph(y, what)
     mine = torch.autograd.grad((y * upstream).sum(), (x, weight, bias), allow_unused=True)
     theirs = torch.autograd.grad((expected * upstream).sum(), (x, reference.weight, reference.bias))
@@ -641,7 +640,7 @@ def _bn_layout(BatchNorm1d, number, layout, C, kwargs, shapes, momentum, eps) ->
     bias = _param(student, "bias", (C,), 0, "BatchNorm1d")
     _buffer(student, "running_mean", C, 0)
     _buffer(student, "running_var", C, 1)
-    new_w, new_b = _randn(C, seed=20 + number, scale=0.5, shift=1.0), _randn(C, seed=30 + number)
+    new_w, new_b = randn(C, seed=20 + number, scale=0.5, shift=1.0), randn(C, seed=30 + number)
     for module_w, module_b in ((weight, bias), (reference.weight, reference.bias)):
         _set_(module_w, new_w)
         _set_(module_b, new_b)
@@ -649,7 +648,7 @@ def _bn_layout(BatchNorm1d, number, layout, C, kwargs, shapes, momentum, eps) ->
     reference.train()
     for step, shape in enumerate(shapes):  # two training steps: outputs, gradients, running stats
         feature_shift = torch.linspace(-3, 3, C).view(1, C, *([1] * (len(shape) - 2)))
-        x = (_randn(*shape, seed=40 + 10 * number + step, scale=2.0) + feature_shift).requires_grad_()
+        x = (randn(*shape, seed=40 + 10 * number + step, scale=2.0) + feature_shift).requires_grad_()
         what = f"BatchNorm1d({args}) in training mode, step {step + 1}, {layout}"
         _bn_train_step(student, reference, weight, bias, x, momentum, eps, what, args, step,
                        f"training step {step + 1} ({layout})")
@@ -657,7 +656,7 @@ def _bn_layout(BatchNorm1d, number, layout, C, kwargs, shapes, momentum, eps) ->
     student.eval()
     reference.eval()
     feature_shift = torch.linspace(-3, 3, C).view(1, C, *([1] * (len(shapes[0]) - 2)))
-    x = _randn(*shapes[0], seed=70 + number, scale=2.0) + feature_shift
+    x = randn(*shapes[0], seed=70 + number, scale=2.0) + feature_shift
     _bn_eval(student, reference, x, new_w, new_b, eps, f"BatchNorm1d({args}) in eval mode, {layout}", args)
 
 
@@ -687,7 +686,7 @@ def _check_batch_norm_eps(BatchNorm1d) -> None:  # noqa: N803 - the argument is 
     with refused([BatchNorm1d], _BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
         student = call(BatchNorm1d, 3, what="BatchNorm1d(3)")
     student.train()
-    x = _randn(6, 3, seed=120, scale=2.0)
+    x = randn(6, 3, seed=120, scale=2.0)
     x[:, 0] = 1.5  # variance exactly 0
     x[:, 1] = 0.01 * x[:, 1]  # variance about 4e-4, not far above eps = 1e-5
     with torch.no_grad():
@@ -776,23 +775,11 @@ if hasattr(nn, "RMSNorm"):
     _RMS.append(Caught(type("RMSNorm", (nn.RMSNorm,), {}), r"subclasses torch.nn.RMSNorm"))
 
 
-def _with_weight_of(norm, x, d, eps):
-    """``run`` for a mistake class: built like the student's norm, with its weight."""
-
-    def run(wrong_class):
-        twin = wrong_class(d, eps=eps)
-        twin.load_state_dict(norm.state_dict(), strict=False)
-        with torch.no_grad():
-            return twin(x)
-
-    return run
-
-
 def _rms_case(RMSNorm, what, x, d, eps, message) -> None:  # noqa: N803
     with refused([RMSNorm], _RMS_NORM_BUILTINS, message):
         norm = call(RMSNorm, d, eps=eps, what=f"RMSNorm({d}, eps={eps})")
     weight = _param(norm, "weight", (d,), 1, "RMSNorm")
-    w = _randn(d, seed=60 + d, scale=0.5, shift=1.0)
+    w = randn(d, seed=60 + d, scale=0.5, shift=1.0)
     _set_(weight, w)
     before = x.clone()
     with torch.no_grad(), refused([RMSNorm], _RMS_NORM_BUILTINS, message):
@@ -805,14 +792,14 @@ def _rms_case(RMSNorm, what, x, d, eps, message) -> None:  # noqa: N803
     if torch.isnan(y).any():
         fail(f"NaN on {what}, which holds an all-zero token: is eps missing? "
              "x / sqrt(mean(x**2) + eps) stays finite when x = 0.")
-    name_mistake(y, _RMS, x, eps, run=_with_weight_of(norm, x, d, eps), prefix=f"on {what} ")
+    name_mistake(y, _RMS, x, eps, run=with_weights_of(norm, x, build=lambda c: c(d, eps=eps)), prefix=f"on {what} ")
     expect_close(y, expected, f"RMSNorm differs from torch.nn.RMSNorm on {what}")
 
 
 def _rms_float64_and_gradients(RMSNorm) -> None:  # noqa: N803
     norm = call(RMSNorm, 10, eps=1e-6, what="RMSNorm(10, eps=1e-6)")
     weight = _param(norm, "weight", (10,), 1, "RMSNorm").data
-    x = _randn(3, 4, 10, seed=54, dtype=torch.float64)
+    x = randn(3, 4, 10, seed=54, dtype=torch.float64)
     with torch.no_grad():
         y = call(norm.double(), x, what="RMSNorm(10).double()(x)")
     expect_dtype(y, torch.float64, f"for a float64 input (and a .double() module) your output is "
@@ -822,10 +809,10 @@ def _rms_float64_and_gradients(RMSNorm) -> None:  # noqa: N803
     expect_close(y, expected, "RMSNorm differs in float64", atol=1e-10, rtol=1e-8)
     norm = call(RMSNorm, 6, eps=1e-6, what="RMSNorm(6, eps=1e-6)")
     weight = _param(norm, "weight", (6,), 1, "RMSNorm")
-    _set_(weight, _randn(6, seed=55))
-    x = _randn(2, 5, 6, seed=56, scale=2.0).requires_grad_()
+    _set_(weight, randn(6, seed=55))
+    x = randn(2, 5, 6, seed=56, scale=2.0).requires_grad_()
     w_ref = weight.detach().clone().requires_grad_()
-    upstream = _randn(2, 5, 6, seed=57)
+    upstream = randn(2, 5, 6, seed=57)
     mine = _grads(lambda: call(norm, x, what="RMSNorm(6)(x)"), (x, weight), upstream, "RMSNorm")
     theirs = _grads(lambda: _reference_rms_norm(x, w_ref, 1e-6), (x, w_ref), upstream, "reference")
     _compare_grads(mine, theirs, ["x", "weight"], "RMSNorm")
@@ -838,14 +825,14 @@ def check_rms_norm(RMSNorm):  # noqa: N803 - the argument is a class
     if hasattr(nn, "RMSNorm") and issubclass(RMSNorm, nn.RMSNorm):
         fail("your RMSNorm subclasses torch.nn.RMSNorm: write it from nn.Module yourself.")
     message = "your RMSNorm calls PyTorch's rms_norm: write the formula yourself (mean of squares, sqrt)."
-    quiet = _randn(2, 3, 8, seed=50, scale=2.0, shift=1.0)
+    quiet = randn(2, 3, 8, seed=50, scale=2.0, shift=1.0)
     quiet[0, 1] *= 1e-4  # a token of tiny magnitude: where eps matters
     quiet[1, 0] = 0.0  # an all-zero token
     cases = [
         ("a (2, 3, 8) input", quiet, 8, 1e-6),
-        ("a (5, 33) input", _randn(5, 33, seed=51, scale=3.0), 33, 1e-6),
-        ("a (4, 1) input (one feature)", _randn(4, 1, seed=52), 1, 1e-6),
-        ("a (3, 6) input with eps=1e-2", _randn(3, 6, seed=53, scale=0.05), 6, 1e-2),
+        ("a (5, 33) input", randn(5, 33, seed=51, scale=3.0), 33, 1e-6),
+        ("a (4, 1) input (one feature)", randn(4, 1, seed=52), 1, 1e-6),
+        ("a (3, 6) input with eps=1e-2", randn(3, 6, seed=53, scale=0.05), 6, 1e-2),
     ]
     for case in cases:
         _rms_case(RMSNorm, *case, message)
@@ -948,18 +935,6 @@ if "bias" in nn.LayerNorm.__init__.__code__.co_varnames:  # torch >= 2.1
                           r"learned gain but no shift.*bias=False"))
 
 
-def _with_norm_of(block, d, alpha, x, s):
-    """``run`` for a mistake class: built like the student's block, with its norm weights."""
-
-    def run(wrong_class):
-        twin = wrong_class(d, alpha).eval()
-        twin.load_state_dict(block.state_dict(), strict=False)
-        with torch.no_grad():
-            return twin(x, s)
-
-    return run
-
-
 def _scaled_norm(block, d: int):
     """The block's `.norm`: a layer norm with a gain and a shift of d features."""
     norm = getattr(block, "norm", None)
@@ -983,8 +958,8 @@ def _scaled_norm(block, d: int):
 def _scaled_dropout(ScaledAddNorm, d: int) -> None:  # noqa: N803
     """Dropout: only on the sublayer output, only in training mode, rescaled."""
     block = call(ScaledAddNorm, d, alpha=1.5, dropout=0.5, what=f"ScaledAddNorm({d}, alpha=1.5, dropout=0.5)")
-    x = _randn(4, 5, d, seed=100, scale=2.0)
-    s = _randn(4, 5, d, seed=101)
+    x = randn(4, 5, d, seed=100, scale=2.0)
+    s = randn(4, 5, d, seed=101)
     reference = F.layer_norm(1.5 * x + s, (d,), block.norm.weight.detach(), block.norm.bias.detach())
     block.eval()
     with torch.no_grad():
@@ -1018,26 +993,27 @@ def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a clas
     for number, (alpha, shape) in enumerate([(2.0, (2, 5, d)), (1.0, (3, d)), (0.5, (1, 1, d))]):
         block = call(ScaledAddNorm, d, alpha=alpha, what=f"ScaledAddNorm({d}, alpha={alpha})")
         norm = _scaled_norm(block, d)
-        w, b = _randn(d, seed=80 + number, scale=0.5, shift=1.0), _randn(d, seed=85 + number)
+        w, b = randn(d, seed=80 + number, scale=0.5, shift=1.0), randn(d, seed=85 + number)
         _set_(norm.weight, w)
         _set_(norm.bias, b)
-        x = _randn(*shape, seed=90 + number, scale=2.0, shift=0.5)
-        s = _randn(*shape, seed=95 + number, scale=0.7, shift=-1.0)
+        x = randn(*shape, seed=90 + number, scale=2.0, shift=0.5)
+        s = randn(*shape, seed=95 + number, scale=0.7, shift=-1.0)
         what = f"ScaledAddNorm({d}, alpha={alpha})(x, sublayer_output) for shape {shape}"
         with torch.no_grad():
             y = expect_shape(call(block, x, s, what=what), shape, what)
         expected = _normalize(alpha * x.double() + s.double(), (-1,), 1e-5) * w.double() + b.double()
         if not same(y, expected):
-            name_mistake(y, _SCALED, alpha, run=_with_norm_of(block, d, alpha, x, s), prefix=f"{what}: ")
+            name_mistake(y, _SCALED, alpha, prefix=f"{what}: ",
+                         run=with_weights_of(block, x, s, build=lambda c, a=alpha: c(d, a)))
             expect_close(y, expected, f"{what} differs from LayerNorm(alpha * x + sublayer_output)")
 
     _scaled_dropout(ScaledAddNorm, d)
 
     # gradients reach x, the sublayer output and the norm's parameters
     block = call(ScaledAddNorm, d, alpha=2.0, what=f"ScaledAddNorm({d}, alpha=2.0)")
-    x = _randn(2, 3, d, seed=102).requires_grad_()
-    s = _randn(2, 3, d, seed=103).requires_grad_()
-    upstream = _randn(2, 3, d, seed=104)
+    x = randn(2, 3, d, seed=102).requires_grad_()
+    s = randn(2, 3, d, seed=103).requires_grad_()
+    upstream = randn(2, 3, d, seed=104)
     mine = _grads(lambda: call(block, x, s), (x, s), upstream, "ScaledAddNorm")
     theirs = _grads(lambda: F.layer_norm(2.0 * x + s, (d,)), (x, s), upstream, "reference")
     _compare_grads(mine, theirs, ["x", "sublayer_output"], "ScaledAddNorm")

@@ -37,13 +37,13 @@ from ._core import (
     randn,
     refused,
     same,
+    with_weights_of,
 )
 
 # PyTorch's cross-entropy, kept before any patching (exercise 7.2 forbids it to the student).
 _cross_entropy = F.cross_entropy
 
 
-_randn = randn
 
 
 # ----------------------------------------------------------------------------- exercise 7.1
@@ -446,11 +446,11 @@ def check_label_smoothed_cross_entropy(label_smoothed_cross_entropy):
     ignored = torch.tensor([0, 4, 3, 0, 1, 0, 2])  # ignore_index=-100 would never match
     cases = [
         # logits, target, smoothing, ignore_index (None: left at its default, -100)
-        (_randn(7, 5, seed=1, scale=2.0), ignored, 0.1, None),
-        (_randn(3, 6, 11, seed=2, scale=2.0), _targets((3, 6), 11, 3, 0, [6, 2, 4]), 0.2, 0),
-        (_randn(2, 5, 4, seed=4), _targets((2, 5), 4, 5, 0, [5, 1]), 0.0, 0),
-        (_randn(9, 7, seed=6, scale=3.0), torch.tensor([1, 6, 6, 2, 0, 6, 3, 4, 5]), 0.3, 6),
-        (_randn(4, 3, 6, seed=7), _targets((4, 3), 6, 8, -100, [3, 1, 2, 3]), 0.1, -100),
+        (randn(7, 5, seed=1, scale=2.0), ignored, 0.1, None),
+        (randn(3, 6, 11, seed=2, scale=2.0), _targets((3, 6), 11, 3, 0, [6, 2, 4]), 0.2, 0),
+        (randn(2, 5, 4, seed=4), _targets((2, 5), 4, 5, 0, [5, 1]), 0.0, 0),
+        (randn(9, 7, seed=6, scale=3.0), torch.tensor([1, 6, 6, 2, 0, 6, 3, 4, 5]), 0.3, 6),
+        (randn(4, 3, 6, seed=7), _targets((4, 3), 6, 8, -100, [3, 1, 2, 3]), 0.1, -100),
     ]
     for logits, target, smoothing, ignore_index in cases:
         index = -100 if ignore_index is None else ignore_index
@@ -468,7 +468,7 @@ def check_label_smoothed_cross_entropy(label_smoothed_cross_entropy):
                      f"label_smoothing={smoothing}, ignore_index={index})", atol=1e-5, rtol=1e-5)
 
     # large logits: log(softmax(x)) underflows to log(0) = -inf; log_softmax does not
-    logits = _randn(4, 6, seed=9, scale=200.0)
+    logits = randn(4, 6, seed=9, scale=200.0)
     target = torch.tensor([0, 1, 2, 3])
     loss, label = _call_loss(label_smoothed_cross_entropy, logits, target, 0.1, None)
     expected = _reference_loss(logits.double(), target, 0.1, -100)
@@ -480,7 +480,7 @@ def check_label_smoothed_cross_entropy(label_smoothed_cross_entropy):
                  atol=1e-3, rtol=1e-5)
 
     # float64 stays float64; the gradient matches torch's
-    logits = _randn(2, 4, 5, seed=10, dtype=torch.float64).requires_grad_()
+    logits = randn(2, 4, 5, seed=10, dtype=torch.float64).requires_grad_()
     target = _targets((2, 4), 5, 11, 0, [4, 2])
     loss, label = _call_loss(label_smoothed_cross_entropy, logits, target, 0.1, 0)
     if loss.dtype != torch.float64:
@@ -517,7 +517,6 @@ def _reference_batch(sequences, bos_id: int, eos_id: int, pad_id: int):
     return decoder_input, decoder_target, mask
 
 
-_index = first_difference
 
 
 def _padded(rows, pad_id, length):
@@ -676,7 +675,7 @@ def _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_tar
             fail(f"{where}: the target is padded with -100; pad it with pad_id ({pad_id}), the "
                  "ignore_index the chapter's loss uses.")
         fail(f"{where}: the decoder target differs from [y1, ..., yn, EOS, pad, ...]: "
-             f"{_index(decoder_target, expected_target)}.")
+             f"{first_difference(decoder_target, expected_target)}.")
     if not torch.equal(decoder_input, expected_input):
         rows = [torch.cat([torch.tensor([bos_id]), s, torch.tensor([eos_id])]) for s in sequences]
         with_eos = torch.full_like(expected_input, pad_id)
@@ -687,7 +686,7 @@ def _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_tar
             fail(f"{where}: the shortest rows of your input contain EOS: the input is "
                  "[BOS, y1, ..., yn] and is padded after yn; EOS belongs to the target only.")
         fail(f"{where}: the decoder input differs from [BOS, y1, ..., yn, pad, ...]: "
-             f"{_index(decoder_input, expected_input)}.")
+             f"{first_difference(decoder_input, expected_input)}.")
 
 
 def _diagnose_mask(mask, decoder_input, expected, pad_id, where, args):
@@ -713,8 +712,8 @@ def _diagnose_mask(mask, decoder_input, expected, pad_id, where, args):
     causal = _causal(length).expand(expected.shape)
     if (mask & ~causal).any():
         fail(f"{where}: the target mask lets some positions attend to later ones "
-             f"({_index(mask, expected)}): the decoder peeks at the future.")
-    fail(f"{where}: the target mask differs from causal & not-padding: {_index(mask, expected)}.")
+             f"({first_difference(mask, expected)}): the decoder peeks at the future.")
+    fail(f"{where}: the target mask differs from causal & not-padding: {first_difference(mask, expected)}.")
 
 
 @exercise("7.3", "The decoder input, target and mask of a batch",
@@ -1291,17 +1290,6 @@ _CLASSIFIER_CAUGHT = [
 ]
 
 
-def _with_weights_of(model, tokens, arguments):
-    """``run`` for a mistake class: built with the same arguments, with the model's weights."""
-
-    def run(wrong_class):
-        twin = wrong_class(*arguments[:2], **arguments[2]).eval()
-        twin.load_state_dict(model.state_dict(), strict=False)
-        return twin(tokens)
-
-    return run
-
-
 def _check_constructor_arguments(EncoderClassifier) -> None:  # noqa: N803
     """Probe: dropout and max_len reach the submodules that use them."""
     args = ("EncoderClassifier(11, 3, d_model=8, num_heads=2, num_layers=2, d_ff=16, "
@@ -1335,7 +1323,7 @@ def _classifier_case(EncoderClassifier, number, case) -> None:  # noqa: N803
     with torch.no_grad():
         logits = call(model, tokens.clone(), what=f"{args}(tokens)")
         logits = expect_shape(logits, (len(lengths), classes), f"the logits of {label}")
-        run = _with_weights_of(model, tokens, (vocab, classes, kwargs))
+        run = with_weights_of(model, tokens, build=lambda c: c(vocab, classes, **kwargs))
         right = [run(_classifier(scale=scale)) for scale in (True, False)]
         if any(same(logits, r, atol=1e-5, rtol=1e-4) for r in right):
             return
