@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -606,19 +607,70 @@ def _no_bos(sequences, bos, eos, pad):
     return full[:, :-1], full[:, 1:]
 
 
+def _first_token(token):
+    return _tokens_then(lambda i, t, b, e, p: (torch.cat([torch.full((len(i), 1), token(b, e, p)),
+                                                          i[:, 1:]], dim=1), t))
+
+
+_SHAPES = [  # the student's (input, target) of case c, by their shapes
+    Mistake(lambda c: f"the decoder input has shape {tuple(c.input.shape)} and the target "
+            f"{tuple(c.target.shape)}; they must have the same shape, (batch, L): position t of "
+            "the input is where the model predicts position t of the target.",
+            _batch(_tokens_then(lambda i, t, b, e, p: (i, t[:, :-1]))),
+            symptom=lambda _, c: c.input.shape != c.target.shape, expect="the same shape"),
+    Mistake("the decoder input equals the target, so the model is asked to copy the token it is "
+            "reading: no shift. The input is the target shifted right by one, starting with BOS: "
+            "input [BOS, y1, ..., yn], target [y1, ..., yn, EOS].",
+            _batch(_tokens_then(lambda i, t, b, e, p: (i, i.clone()))),
+            symptom=lambda _, c: torch.equal(c.input, c.target)),
+    Mistake(lambda c: f"your tensors have {c.length - 1} positions, expected {c.length}: is BOS "
+            "missing from the input (then the model never learns to predict the first token from "
+            "BOS alone), or EOS from the target? Input [BOS, y1, ..., yn], target [y1, ..., yn, "
+            "EOS], padded to the longest n + 1.", _batch(_no_bos),
+            symptom=lambda _, c: c.input.shape == (c.batch, c.length - 1), expect="is BOS missing"),
+    Mistake(lambda c: f"your tensors have {c.length + 1} positions, expected {c.length}: the input "
+            "is [BOS, y1, ..., yn] (it never contains EOS: nothing is predicted after EOS) and the "
+            "target [y1, ..., yn, EOS].", _batch(lambda *a: _with_eos_rows(*a, extra=True)),
+            symptom=lambda _, c: c.input.shape == (c.batch, c.length + 1),
+            expect="never contains EOS"),
+]
+_TOKENS = [  # the same shapes and dtype, other tokens
+    Mistake("input and target are swapped: the decoder reads [BOS, y1, ..., yn] and predicts "
+            "[y1, ..., yn, EOS].", _batch(_tokens_then(lambda i, t, b, e, p: (t, i))),
+            symptom=lambda _, c: torch.equal(c.input, c.right_target)
+            and torch.equal(c.target, c.right_input)),
+    Mistake(lambda c: f"your rows are padded with 0, but pad_id={c.pad}: pad with the pad_id "
+            "argument (torch.full(..., pad_id)).", _batch(lambda s, b, e, p: _right_tokens(s, b, e, 0)),
+            when=lambda c: c.pad != 0, symptom=lambda _, c: any(
+                torch.equal(mine, zero) for mine, zero in zip(
+                    (c.input, c.target), _reference_batch(c.sequences, c.bos, c.eos, 0))),
+            expect="padded with 0, but pad_id=1"),
+    Mistake(lambda c: f"the decoder input does not start with BOS ({c.bos}) in every row: the "
+            "first prediction is made from BOS alone.", _batch(_first_token(lambda b, e, p: e)),
+            symptom=lambda _, c: (c.input[:, 0] != c.bos).any(), expect="does not start with BOS"),
+]
+_TARGET = [  # the target differs
+    Mistake("the target starts with BOS: it must be the input shifted left by one, [y1, ..., yn, "
+            "EOS]; the model never has to predict BOS.", _batch(_tokens_then(
+                lambda i, t, b, e, p: (i, torch.cat([torch.full((len(i), 1), b), t[:, :-1]], 1)))),
+            symptom=lambda _, c: (c.target[:, 0] == c.bos).all()),
+    Mistake("a row of the target has no EOS: append EOS after y1 ... yn, so that the model learns "
+            "when to stop.", _batch(lambda s, b, e, p: (
+                _right_tokens(s, b, e, p)[0], _padded(list(s), p, max(len(r) for r in s) + 1))),
+            symptom=lambda _, c: not (c.target == c.eos).any(dim=1).all()),
+    Mistake(lambda c: f"the target is padded with -100; pad it with pad_id ({c.pad}), the "
+            "ignore_index the chapter's loss uses.",
+            _batch(_tokens_then(lambda i, t, b, e, p: (i, t.masked_fill(i == p, -100)))),
+            symptom=lambda _, c: (c.target == -100).any(), expect="padded with -100"),
+]
+_INPUT = [  # the input differs
+    Mistake("the shortest rows of your input contain EOS: the input is [BOS, y1, ..., yn] and is "
+            "padded after yn; EOS belongs to the target only.",
+            _batch(lambda *a: _with_eos_rows(*a, extra=False)), symptom=lambda _, c: torch.equal(
+                c.input, _with_eos_rows(c.sequences, c.bos, c.eos, c.pad, extra=False)[0])),
+]
 _BATCH_CAUGHT = [
-    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i, i.clone()))), "no shift"),
-    Caught(_batch(_no_bos), "is BOS\\s+missing"),
-    Caught(_batch(lambda *a: _with_eos_rows(*a, extra=False)), "contain EOS"),
-    Caught(_batch(lambda *a: _with_eos_rows(*a, extra=True)), "never contains EOS"),
-    Caught(_batch(lambda s, b, e, p: (_right_tokens(s, b, e, p)[0], _padded(list(s), p, max(len(r) for r in s) + 1))),
-           "has no EOS"),
-    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i, torch.cat([torch.full((len(i), 1), b), t[:, :-1]], dim=1)))),
-           "the target starts with BOS"),
-    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (t, i))), "input and target are swapped"),
-    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i, t.masked_fill(i == p, -100)))), "padded with -100"),
     Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i.float(), t.float()))), "must be torch.long"),
-    Caught(_batch(lambda s, b, e, p: _right_tokens(s, b, e, 0)), "padded with 0, but pad_id=1"),
     Caught(_batch(build_mask=lambda x, pad: _causal(x.size(1)).T & _real(x, pad)), "attend to later ones"),
     Caught(_batch(build_mask=lambda x, pad: _right_mask(x, pad)[:, 0]), "add the head axis"),
     Caught(_batch(build_mask=lambda x, pad: _causal(x.size(1))), "the same for every"),
@@ -627,66 +679,23 @@ _BATCH_CAUGHT = [
 ]
 
 
-def _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_target,
-                     sequences, bos_id, eos_id, pad_id, where):
-    batch, length = expected_input.shape
-    if decoder_input.shape != decoder_target.shape:
-        fail(f"{where}: the decoder input has shape {tuple(decoder_input.shape)} and the target "
-             f"{tuple(decoder_target.shape)}; they must have the same shape, (batch, L): "
-             "position t of the input is where the model predicts position t of the target.")
-    if torch.equal(decoder_input, decoder_target):
-        fail(f"{where}: the decoder input equals the target, so the model is asked to copy "
-             "the token it is reading: no shift. The input is the target shifted right by one, "
-             "starting with BOS: input [BOS, y1, ..., yn], target [y1, ..., yn, EOS].")
-    if decoder_input.shape == (batch, length - 1):
-        fail(f"{where}: your tensors have {length - 1} positions, expected {length}: is BOS "
-             "missing from the input (then the model never learns to predict the first token "
-             "from BOS alone), or EOS from the target? Input [BOS, y1, ..., yn], target "
-             "[y1, ..., yn, EOS], padded to the longest n + 1.")
-    if decoder_input.shape == (batch, length + 1):
-        fail(f"{where}: your tensors have {length + 1} positions, expected {length}: the input "
-             "is [BOS, y1, ..., yn] (it never contains EOS: nothing is predicted after EOS) and "
-             "the target [y1, ..., yn, EOS].")
-    expect_shape(decoder_input, (batch, length), f"{where}: the decoder input")
-    if decoder_input.dtype != torch.long or decoder_target.dtype != torch.long:
-        fail(f"{where}: token tensors must be torch.long (token ids index an nn.Embedding); "
-             f"yours are {decoder_input.dtype} and {decoder_target.dtype}.")
-    if torch.equal(decoder_input, expected_target) and torch.equal(decoder_target, expected_input):
-        fail(f"{where}: input and target are swapped: the decoder reads [BOS, y1, ..., yn] and "
-             "predicts [y1, ..., yn, EOS].")
-    right = torch.equal(decoder_input, expected_input) and torch.equal(decoder_target,
-                                                                       expected_target)
-    if pad_id != 0 and not right:
-        zero_input, zero_target, _ = _reference_batch(sequences, bos_id, eos_id, 0)
-        if torch.equal(decoder_input, zero_input) or torch.equal(decoder_target, zero_target):
-            fail(f"{where}: your rows are padded with 0, but pad_id={pad_id}: pad with the "
-                 "pad_id argument (torch.full(..., pad_id)).")
-    if (decoder_input[:, 0] != bos_id).any():
-        fail(f"{where}: the decoder input does not start with BOS ({bos_id}) in every row: the "
-             "first prediction is made from BOS alone.")
-    if not torch.equal(decoder_target, expected_target):
-        if (decoder_target[:, 0] == bos_id).all():
-            fail(f"{where}: the target starts with BOS: it must be the input shifted left by one, "
-                 "[y1, ..., yn, EOS]; the model never has to predict BOS.")
-        if not (decoder_target == eos_id).any(dim=1).all():
-            fail(f"{where}: a row of the target has no EOS: append EOS after y1 ... yn, so that "
-                 "the model learns when to stop.")
-        if (decoder_target == -100).any():
-            fail(f"{where}: the target is padded with -100; pad it with pad_id ({pad_id}), the "
-                 "ignore_index the chapter's loss uses.")
-        fail(f"{where}: the decoder target differs from [y1, ..., yn, EOS, pad, ...]: "
-             f"{first_difference(decoder_target, expected_target)}.")
-    if not torch.equal(decoder_input, expected_input):
-        rows = [torch.cat([torch.tensor([bos_id]), s, torch.tensor([eos_id])]) for s in sequences]
-        with_eos = torch.full_like(expected_input, pad_id)
-        for b, row in enumerate(rows):
-            row = row[:length]
-            with_eos[b, : len(row)] = row
-        if torch.equal(decoder_input, with_eos):
-            fail(f"{where}: the shortest rows of your input contain EOS: the input is "
-                 "[BOS, y1, ..., yn] and is padded after yn; EOS belongs to the target only.")
-        fail(f"{where}: the decoder input differs from [BOS, y1, ..., yn, pad, ...]: "
-             f"{first_difference(decoder_input, expected_input)}.")
+def _diagnose_tokens(c) -> None:
+    """Name the mistake of the student's tokens ``c.input`` and ``c.target`` (case ``c``)."""
+    where = f"{c.where}: "
+    name_mistake(c.input, _SHAPES, c, prefix=where)
+    expect_shape(c.input, (c.batch, c.length), f"{where}the decoder input")
+    if c.input.dtype != torch.long or c.target.dtype != torch.long:
+        fail(f"{where}token tensors must be torch.long (token ids index an nn.Embedding); "
+             f"yours are {c.input.dtype} and {c.target.dtype}.")
+    if torch.equal(c.input, c.right_input) and torch.equal(c.target, c.right_target):
+        return
+    name_mistake(c.input, _TOKENS, c, prefix=where)
+    if not torch.equal(c.target, c.right_target):
+        name_mistake(c.input, _TARGET, c, prefix=where, general=f"{where}the decoder target "
+                     "differs from [y1, ..., yn, EOS, pad, ...]: "
+                     f"{first_difference(c.target, c.right_target)}.")
+    name_mistake(c.input, _INPUT, c, prefix=where, general=f"{where}the decoder input differs "
+                 f"from [BOS, y1, ..., yn, pad, ...]: {first_difference(c.input, c.right_input)}.")
 
 
 def _diagnose_mask(mask, decoder_input, expected, pad_id, where, args):
@@ -717,7 +726,8 @@ def _diagnose_mask(mask, decoder_input, expected, pad_id, where, args):
 
 
 @exercise("7.3", "The decoder input, target and mask of a batch",
-          mistakes={"make_decoder_batch": _MASKS + _BATCH_CAUGHT})
+          mistakes={"make_decoder_batch": _SHAPES + _TOKENS + _TARGET + _INPUT + _MASKS
+                                            + _BATCH_CAUGHT})
 def check_decoder_batch(make_decoder_batch):
     """Compare ``make_decoder_batch(sequences, bos_id, eos_id, pad_id)`` with the reference."""
     expect_callable(make_decoder_batch, "your batch function",
@@ -746,12 +756,14 @@ def check_decoder_batch(make_decoder_batch):
                  f"tgt_mask); it returned a {type(result).__name__}"
                  + (f" of length {len(result)}." if isinstance(result, tuple) else "."))
         decoder_input, decoder_target, mask = result
-        decoder_input = expect_tensor(decoder_input, f"{where}: the decoder input")
-        decoder_target = expect_tensor(decoder_target, f"{where}: the decoder target")
         expected_input, expected_target, expected_mask = _reference_batch(sequences, bos_id,
                                                                           eos_id, pad_id)
-        _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_target,
-                         sequences, bos_id, eos_id, pad_id, where)
+        _diagnose_tokens(SimpleNamespace(
+            input=expect_tensor(decoder_input, f"{where}: the decoder input"),
+            target=expect_tensor(decoder_target, f"{where}: the decoder target"),
+            right_input=expected_input, right_target=expected_target, batch=len(sequences),
+            length=expected_input.size(1), sequences=sequences, bos=bos_id, eos=eos_id,
+            pad=pad_id, where=where))
         _diagnose_mask(mask, expected_input, expected_mask, pad_id, where,
                        ([s.clone() for s in sequences], bos_id, eos_id, pad_id))
 
