@@ -874,18 +874,19 @@ _TRAP_3 = {(): {_A: 0.6, _EOS: 0.4}, (_A,): {_A: 0.95, _EOS: 0.05}}
 _TRAP_4 = {(): {_EOS: 0.5, _A: 0.5}, (_A,): {_A: 0.5, _B: 0.5}}
 
 
-def _log_probs(model, src, tokens: list[int]) -> list[float]:
-    """log p(token | prefix, src) for every token after the first, by teacher forcing."""
+def _teacher_forced(model, src, tokens: list[int]):
+    """log p(token | prefix, src) and the raw logit of every token after the first."""
     with torch.no_grad():
-        logits = model.decode(torch.tensor([tokens[:-1]]), model.encode(src), src)
-    log_p = logits[0].double().log_softmax(dim=-1)  # (T - 1, V)
-    return [log_p[t, token].item() for t, token in enumerate(tokens[1:])]
+        logits = model.decode(torch.tensor([tokens[:-1]]), model.encode(src), src)[0].double()
+    log_p = logits.log_softmax(dim=-1)  # (T - 1, V)
+    pairs = [(log_p[t, token].item(), logits[t, token].item()) for t, token in enumerate(tokens[1:])]
+    return [lp for lp, _ in pairs], [raw for _, raw in pairs]
 
 
-def _beam_variant(mistake=None, refill=False, early_stop=False, stop_at_k=False):
+def _beam_variant(mistake=None, refill=False, early_stop=False, stop_at_k=False, score=None):
     """beam_search with one mistake switched on, or an accepted variant (refill: keep the
     beam full with unfinished extensions; stop_at_k: fairseq's stop; early_stop: stop once
-    no live hypothesis can catch up)."""
+    no live hypothesis can catch up; score: return that wrong score of _SCORES)."""
 
     def beam_search(model, src, bos_id, eos_id, max_len, beam_size):
         if mistake != "train mode":
@@ -925,14 +926,11 @@ def _beam_variant(mistake=None, refill=False, early_stop=False, stop_at_k=False)
             pool = {"finished only": finished or live, "live only": live or finished}.get(
                 mistake, finished + live)
             rank = (lambda h: h[1] / (len(h[0]) - 1)) if mistake == "length normalized" else (lambda h: h[1])
-            tokens, score = max(pool, key=rank)
-        if mistake == "score without EOS" and tokens[-1] == eos_id:
-            with torch.no_grad():
-                logits = model.decode(torch.tensor([tokens[:-1]]), memory, src)
-            score -= logits[0, -1].double().log_softmax(-1)[eos_id].item()
+            tokens, total = max(pool, key=rank)
+        if score is not None:
+            total = _SCORES[score][0](*_teacher_forced(model, src, tokens), tokens)
         shaped = {"2-D": lambda: torch.tensor([tokens]), "no BOS": lambda: torch.tensor(tokens[1:])}
-        result = (shaped.get(mistake, lambda: torch.tensor(tokens))(),
-                  math.exp(score) if mistake == "probability" else score)
+        result = (shaped.get(mistake, lambda: torch.tensor(tokens))(), total)
         return result[0] if mistake == "tokens only" else result
 
     return beam_search
@@ -974,7 +972,6 @@ _BEAM_MISTAKES = [Mistake(message, _beam_variant(name), expect=re_words)
 _BEAM_CAUGHT = [Caught(_beam_variant(name), expect) for name, expect in [
     ("train mode", "model.eval\\(\\)"), ("gradients", "torch.no_grad\\(\\)"),
     ("extends finished", "goes on after EOS"), ("max_len + 1", "more than max_len"),
-    ("score without EOS", "leaves out log p\\(EOS\\)"), ("probability", "you return the probability"),
     ("2-D", "return one sequence, a\\s+1-D tensor"), ("no BOS", "starts with BOS"),
     ("tokens only", "should return a tuple")]]
 
@@ -1020,36 +1017,49 @@ def _call_beam(beam_search, model, src, max_len, beam_size, label, hints=()):
     return tokens, float(score)
 
 
+_SCORES = {  # what a returned score is instead of the sum of log p, from (log p, logits, tokens)
+    "no EOS": (lambda lp, raw, tokens: sum(lp[:-1]) if tokens[-1] == _EOS else None,
+               "the score you return leaves out log p(EOS): the EOS token is part of the "
+               "sequence and its log-probability counts."),
+    "probability": (lambda lp, raw, tokens: math.exp(sum(lp)), "you return the probability of "
+                    "the sequence; return its log-probability (the sum of the tokens' "
+                    "log-probabilities)."),
+    "mean": (lambda lp, raw, tokens: sum(lp) / len(lp), "you return the mean log-probability per "
+             "token; return the total, the sum of the tokens' log-probabilities."),
+    "last": (lambda lp, raw, tokens: lp[-1], "your score is the log-probability of the last token "
+             "only: a hypothesis's score is the SUM of the log-probabilities of all its tokens."),
+    "logits": (lambda lp, raw, tokens: sum(raw), "your score adds raw logits: turn them into "
+               "log-probabilities first (log_softmax over the vocabulary); logits of different "
+               "prefixes are not comparable."),
+    "probabilities": (lambda lp, raw, tokens: sum(math.exp(v) for v in lp), "your score adds "
+                      "probabilities: the probability of a sequence is the product of its "
+                      "tokens' probabilities, so add their logarithms."),
+}
+
+
+def _score_is(name):
+    def symptom(score, c):
+        value = _SCORES[name][0](c.log_p, c.raw, c.tokens)
+        return value is not None and math.isclose(score, value, rel_tol=1e-5, abs_tol=1e-6)
+
+    return symptom
+
+
+_SCORE_MISTAKES = [Mistake(message, _beam_variant(score=name), symptom=_score_is(name))
+                   for name, (_, message) in _SCORES.items()]
+
+
 def _score_mistake(score: float, model, src, tokens: list[int], label: str) -> None:
     """Fail when ``score`` is not the log-probability of ``tokens``, naming the likely slip."""
-    log_p = _log_probs(model, src, tokens)
-    true_score = sum(log_p)
-    if math.isclose(score, true_score, rel_tol=1e-5, abs_tol=1e-5):
+    log_p, raw = _teacher_forced(model, src, tokens)
+    if math.isclose(score, sum(log_p), rel_tol=1e-5, abs_tol=1e-5):
         return
-    with torch.no_grad():
-        logits = model.decode(torch.tensor([tokens[:-1]]), model.encode(src), src)[0].double()
-    picked = [logits[t, token].item() for t, token in enumerate(tokens[1:])]
-    candidates = [
-        (sum(log_p[:-1]) if tokens[-1] == _EOS else None, "the score you return leaves out "
-         "log p(EOS): the EOS token is part of the sequence and its log-probability counts."),
-        (math.exp(true_score), "you return the probability of the sequence; return its "
-         "log-probability (the sum of the tokens' log-probabilities)."),
-        (true_score / (len(tokens) - 1), "you return the mean log-probability per token; "
-         "return the total, the sum of the tokens' log-probabilities."),
-        (log_p[-1], "your score is the log-probability of the last token only: a "
-         "hypothesis's score is the SUM of the log-probabilities of all its tokens."),
-        (sum(picked), "your score adds raw logits: turn them into log-probabilities first "
-         "(log_softmax over the vocabulary); logits of different prefixes are not comparable."),
-        (sum(math.exp(v) for v in log_p), "your score adds probabilities: the probability of a "
-         "sequence is the product of its tokens' probabilities, so add their logarithms."),
-    ]
-    for value, message in candidates:
-        if value is not None and math.isclose(score, value, rel_tol=1e-5, abs_tol=1e-6):
-            fail(f"{label}: {message}")
-    fail(f"{label}: the score you return, {score:.5f}, is not the log-probability of the "
-         f"tokens you return, {tokens} ({true_score:.5f}): the score is the sum of "
-         "log p(token | earlier tokens, src) over the tokens after BOS, with p the softmax "
-         "of the model's logits over the whole vocabulary.")
+    case = SimpleNamespace(log_p=log_p, raw=raw, tokens=tokens)
+    name_mistake(score, _SCORE_MISTAKES, case, prefix=f"{label}: ", general=f"{label}: the score "
+                 f"you return, {score:.5f}, is not the log-probability of the tokens you return, "
+                 f"{tokens} ({sum(log_p):.5f}): the score is the sum of log p(token | earlier "
+                 "tokens, src) over the tokens after BOS, with p the softmax of the model's "
+                 "logits over the whole vocabulary.")
 
 
 def _beam_cases():
@@ -1082,7 +1092,8 @@ def _beam_cases():
     return cases
 
 
-@exercise("7.4", "Beam search", mistakes={"beam_search": _BEAM_MISTAKES + _BEAM_CAUGHT})
+@exercise("7.4", "Beam search",
+          mistakes={"beam_search": _BEAM_MISTAKES + _SCORE_MISTAKES + _BEAM_CAUGHT})
 def check_beam_search(beam_search):
     """Compare ``beam_search(model, src, bos_id, eos_id, max_len, beam_size)`` with a reference.
 
@@ -1113,10 +1124,9 @@ def check_beam_search(beam_search):
                        "with beam_size=1, beam search keeps the single best extension at "
                        "every step, which is greedy decoding.")
         else:
-            best = expected[0]
-            message = (f"{label} returned {tokens} (log-probability "
-                       f"{sum(_log_probs(reference, src, tokens)):.4f}); beam search returns "
-                       f"{best} (log-probability {sum(_log_probs(reference, src, best)):.4f}).")
+            mine, best = (sum(_teacher_forced(reference, src, t)[0]) for t in (tokens, expected[0]))
+            message = (f"{label} returned {tokens} (log-probability {mine:.4f}); beam search "
+                       f"returns {expected[0]} (log-probability {best:.4f}).")
         if not suspects:
             _score_mistake(score, reference, src, tokens, label)
             fail(message)
@@ -1159,9 +1169,9 @@ def _check_beam_on_transformer(beam_search):
                 greedy = greedy_decode(model, src, _BOS, _EOS, 7)[0].tolist()
                 fail(f"{label} returned {tokens}, but the chapter's greedy_decode returns "
                      f"{greedy}: with beam_size=1, beam search is greedy decoding.")
+            mine, best = (sum(_teacher_forced(model, src, t)[0]) for t in (tokens, expected[0]))
             fail(f"{label} returned {tokens}; beam search returns {expected[0]} (log-"
-                 f"probabilities {sum(_log_probs(model, src, tokens)):.4f} and "
-                 f"{sum(_log_probs(model, src, expected[0])):.4f}).")
+                 f"probabilities {mine:.4f} and {best:.4f}).")
 
 
 # ----------------------------------------------------------------------------- exercise 7.5
