@@ -271,19 +271,19 @@ def check_self_attention_step(self_attention_step):
 
 
 def _cross_variant(mha, x, memory, cache, *, recompute=False, mask=None, project_out=True,
-                   call_module=False, call_class=False):
+                   call_module=False, call_class=False, names="kv", split=True):
     """cross_attention_step with one option per mistake (the defaults give the right answer)."""
     if call_module:
         return mha(x, memory, memory)
     if call_class:  # the chapter's own module, reached through the class
         cache["static"] = True
         return type(mha).forward(mha, x, memory, memory, cache=cache)
-    if recompute or "k" not in cache:
-        cache["k"] = split_heads(mha.w_k(memory), mha.num_heads)
-        cache["v"] = split_heads(mha.w_v(memory), mha.num_heads)
+    keep = (lambda t: split_heads(t, mha.num_heads)) if split else (lambda t: t)
+    if recompute or names[0] not in cache:
+        cache[names[0]], cache[names[1]] = keep(mha.w_k(memory)), keep(mha.w_v(memory))
     cache["t"] = cache.get("t", -1) + 1
     q = split_heads(mha.w_q(x), mha.num_heads)
-    k, v = cache["k"], cache["v"]
+    k, v = (t if split else split_heads(t, mha.num_heads) for t in (cache[n] for n in names))
     masks = {"one query": torch.ones(1, k.size(2), dtype=torch.bool).tril(),  # source 0 only
              "causal": (torch.arange(k.size(2)) <= cache["t"])[None, :]}  # sources 0 ... t
     heads = merge_heads(_attend(q, k, v, masks.get(mask)))
@@ -311,6 +311,8 @@ _CROSS_CAUGHT = [
     Caught(partial(_cross_variant, recompute=True), "recomputes the memory's keys"),
     Caught(partial(_cross_variant, call_module=True), r"rather than mha\(\.\.\.\)"),
     Caught(partial(_cross_variant, call_class=True), "the chapter's MultiHeadAttention methods"),
+    Caught(partial(_cross_variant, names=("keys", "values")), "cache has no 'k' and 'v' entries"),
+    Caught(partial(_cross_variant, split=False), r"split into heads, \(batch, heads"),
 ]
 _CROSS_REFUSED = (
     "call the projections (mha.w_q, mha.w_k, mha.w_v, mha.w_o) yourself rather than mha(...) "
@@ -339,7 +341,27 @@ def _counted_steps(step_fn, mha, xs, memory):
         for hook in hooks:
             hook.remove()
         del mha.forward  # refused() left the bound method on the instance
-    return torch.cat(outs, dim=1).detach(), calls
+    return torch.cat(outs, dim=1).detach(), calls, cache
+
+
+def _expect_memory_cache(cache, mha, memory) -> None:
+    """After the steps the cache holds the memory's keys and values, split into heads."""
+    if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
+        fail("after the steps the cache has no 'k' and 'v' entries: keep the memory's keys and "
+             "values, projected on the first step, in cache['k'] and cache['v'] (the same "
+             "dict, updated in place).")
+    for name, w in (("k", mha.w_k), ("v", mha.w_v)):
+        held = expect_tensor(cache[name], f"cache['{name}'] after the steps")
+        with torch.no_grad():
+            expected = split_heads(w(memory), mha.num_heads)  # (B, h, L_src, d_head)
+        if tuple(held.shape) == tuple(memory.shape) != tuple(expected.shape):
+            fail(f"cache['{name}'] has shape {tuple(held.shape)}, the memory's projection "
+                 "before the heads: keep it split into heads, (batch, heads, L_src, d_head) = "
+                 f"{tuple(expected.shape)}, as split_heads returns it.")
+        if not same(held, expected):
+            fail(f"cache['{name}'] after the steps does not hold the memory's projection "
+                 f"split into heads, split_heads(mha.w_{name}(memory), mha.num_heads), shape "
+                 f"{tuple(expected.shape)}.")
 
 
 @exercise("8.2", "Cross-attention that projects the memory once",
@@ -356,12 +378,13 @@ def check_cross_attention_step(cross_attention_step):
         xs = torch.randn(batch, steps, d_model, generator=generator)
         with torch.no_grad():
             expected = mha(xs, memory, memory)  # (B, steps, d_model); rows independent
-        got, calls = _counted_steps(cross_attention_step, mha, xs, memory)
+        got, calls, cache = _counted_steps(cross_attention_step, mha, xs, memory)
         if calls["k"] > 1 or calls["v"] > 1:
             fail(f"your step ran mha.w_k {calls['k']} and mha.w_v {calls['v']} times over "
                  f"{steps} steps: it recomputes the memory's keys and values at every step. "
                  "The memory does not change while decoding: project it on the first step, "
                  "keep the result in cache['k'] and cache['v'], and reuse it.")
+        _expect_memory_cache(cache, mha, memory)
         if same(got, expected):
             continue  # (the memory may be projected with F.linear and the same weights)
         if calls["k"] == 0 or calls["v"] == 0:
