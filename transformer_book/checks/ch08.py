@@ -143,7 +143,7 @@ def _name(actual, table, s: _Step, cached: bool = False) -> None:
 
 def _steps(step_fn, what, q, k, v, bounds, where, extra=(), refuse=None, on_crash=None,
            missing="."):
-    """Run the student's step over the chunks; yield (step, output, cache['k']) for each."""
+    """Run the student's step over the chunks; yield each step (its ``held`` set) and output."""
     cache: dict = {}
     for index, (start, end) in enumerate(bounds):
         s = _Step(q, k, v, bounds, index, extra)
@@ -167,21 +167,21 @@ _STEP_OUTPUT = [  # a one-query step (with or without a window) whose output is 
             "matrix keeps column 0 only; the new query is the latest position and may attend "
             "to every cached key), or you attended over the cache before adding the new "
             "position: append first, then attend.", partial(_step_variant, mask="top left"),
-            when=lambda s: s.end - 1 == s.lo + 1,
+            when=lambda s: s.last == s.lo + 1,
             expect="a causal mask was applied to a one-query step"),
     Mistake(lambda s: f"your output {s.where} attends to the first cached key only: a causal "
             "mask was applied to a one-query step. `tril` of a (1, n) matrix keeps column 0, "
             "but the one new query is the latest position and may attend to every cached key: "
             "use no mask (or one that is True everywhere).",
-            partial(_step_variant, mask="top left"), when=lambda s: s.end - 1 > s.lo,
+            partial(_step_variant, mask="top left"), when=lambda s: s.last > s.lo,
             expect="a causal mask was applied to a one-query step"),
     Mistake(lambda s: f"your output {s.where} attends to the new position only: attend over "
             "everything in the cache after appending the new keys and values.",
-            partial(_step_variant, mask="new only"), when=lambda s: s.end - 1 > s.lo,
+            partial(_step_variant, mask="new only"), when=lambda s: s.last > s.lo,
             expect="new position only"),
     Mistake(lambda s: f"your output {s.where} attends over the cache without the new position: "
             "append first, then attend (a position may attend to itself).",
-            partial(_step_variant, keep_new=False), when=lambda s: s.end - 1 > s.lo,
+            partial(_step_variant, keep_new=False), when=lambda s: s.last > s.lo,
             expect="append first, then attend"),
     Mistake(lambda s: f"your output {s.where} is unscaled: divide the scores by sqrt(d_head).",
             partial(_step_variant, scale=1.0), expect="unscaled"),
@@ -231,7 +231,7 @@ def _expect_appended(s: _Step, cache=None) -> None:
     if not same(held, expected):
         _name(held, _APPENDED, s, cached=True)
         if tuple(held.shape) == tuple(expected.shape):
-            fail(f"cache['k'] {s.where} does not hold the keys of positions 0 ... {s.end - 1} "
+            fail(f"cache['k'] {s.where} does not hold the keys of positions 0 ... {s.last} "
                  "that the steps were given: store the keys themselves, not a copy changed in "
                  "place or scaled.")
         fail(f"cache['k'] {s.where} has shape {tuple(held.shape)}, expected "
@@ -455,7 +455,7 @@ def check_sliding_window_step(sliding_window_step):
             if not same(s.held, expected_keys):
                 _name(s.held, _WINDOW_CONTENT, s, cached=True)
                 fail(f"cache['k'] {s.where} should hold the keys of positions "
-                     f"{s.end - keep} ... {s.end - 1}, in order.")
+                     f"{s.end - keep} ... {s.last}, in order.")
             reference = _attend(q[:, :, s.start : s.end], expected_keys,
                                 v[:, :, s.end - keep : s.end])
             _check_output(out, s, reference, _STEP_OUTPUT, "attention of the new query over "
@@ -585,10 +585,10 @@ def check_chunk_step(chunk_step):
             shape = (batch, heads, s.end, d_head)
             if tuple(s.held.shape) != shape or not same(s.held, k[:, :, : s.end]):
                 fail(f"cache['k'] {s.where} should hold the keys of positions 0 ... "
-                     f"{s.end - 1}, in order, shape {shape}; got {tuple(s.held.shape)}: append "
+                     f"{s.last}, in order, shape {shape}; got {tuple(s.held.shape)}: append "
                      "the chunk along axis 2.")
             _check_output(out, s, expected[:, :, s.start : s.end], _CHUNK, f"rows {s.start} "
-                          f"... {s.end - 1} of causal attention over the whole sequence")
+                          f"... {s.last} of causal attention over the whole sequence")
 
 
 # ----------------------------------------------------------------------------- 8.6
@@ -648,6 +648,6 @@ def check_grouped_query_step(grouped_query_step):
             if tuple(s.held.shape) != shape or not same(s.held, k[:, :, : s.end]):
                 name_mistake(s.held, _GROUPED_CACHE, s)
                 fail(f"cache['k'] {s.where} should hold the keys of positions 0 ... "
-                     f"{s.end - 1}, shape {shape}, in order; got {tuple(s.held.shape)}.")
+                     f"{s.last}, shape {shape}, in order; got {tuple(s.held.shape)}.")
             _check_output(out, s, expected[:, :, s.start : s.end], _GROUPED, "attention of "
                           "each query head over its group's cached keys and values")
