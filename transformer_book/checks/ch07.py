@@ -217,58 +217,6 @@ _CROSS_ENTROPY_MESSAGE = (
 )
 
 
-def _smoothed_parts(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
-    """Per real token: -log p(target), -log p of every class; and the real-token mask."""
-    vocab = logits.size(-1)
-    log_p = logits.double().reshape(-1, vocab).log_softmax(dim=-1)  # (N, V)
-    flat = target.reshape(-1)  # (N,)
-    keep = flat != ignore_index  # (N,)
-    nll = -log_p.gather(-1, flat.clamp(0, vocab - 1)[:, None])[:, 0]  # (N,)
-    return nll, -log_p, keep
-
-
-def _loss_found(logits, target, smoothing, ignore_index) -> dict:
-    """What each mistake of _LOSS returns on this case (None where it does not apply)."""
-    vocab = logits.size(-1)
-    eps = smoothing
-    nll, neg_log_p, keep = _smoothed_parts(logits, target, ignore_index)
-    keep_f = keep.double()
-    uniform = neg_log_p.mean(dim=-1)  # (N,) mean over the V classes
-    right = (1 - eps) * nll + eps * uniform  # (N,) torch's per-token loss
-    others = (neg_log_p.sum(dim=-1) - nll) / (vocab - 1)  # mean over the V-1 other classes
-
-    def mean_real(per_token):
-        return (per_token * keep_f).sum() / keep_f.sum()
-
-    found = {
-        "pads in the mean": (right * keep_f).sum() / keep.numel(),
-        "no smoothing": mean_real(nll),
-        "V-1": mean_real((1 - eps) * nll + eps * others),
-        "no uniform term": mean_real((1 - eps) * nll),
-        "target not scaled": mean_real(nll + eps * uniform),
-        "sum over classes": mean_real((1 - eps) * nll + eps * neg_log_p.sum(dim=-1)),
-        "sum reduction": (right * keep_f).sum(),
-    }
-    if 0 < eps:
-        q_target, q_other = 1 - eps + eps / vocab, eps / vocab
-        entropy = -(q_target * math.log(q_target) + (vocab - 1) * q_other * math.log(q_other))
-        found["KL divergence"] = mean_real(right - entropy)
-    pad_class = neg_log_p[:, ignore_index] if 0 <= ignore_index < vocab else 0.0
-    found["annotated"] = mean_real((1 - eps) * nll + eps * (neg_log_p.sum(dim=-1) - nll - pad_class)
-                                   / (vocab - 2))
-    if 0 <= ignore_index < vocab:
-        found["padding not ignored"] = right.mean()
-    if target.dim() > 1:
-        found["per row"] = ((right * keep_f).view(target.shape).sum(-1)
-                            / keep_f.view(target.shape).sum(-1)).mean()
-        vocab_last = -logits.double().log_softmax(dim=1).reshape(-1, vocab)  # over the length axis
-        nll_dim1 = vocab_last.gather(-1, target.reshape(-1).clamp(0, vocab - 1)[:, None])[:, 0]
-        found["softmax over dim 1"] = mean_real((1 - eps) * nll_dim1 + eps * vocab_last.mean(-1))
-    if smoothing != 0.1:
-        found["smoothing ignored"] = mean_real((1 - 0.1) * nll + 0.1 * uniform)
-    return found
-
-
 def _loss_from(per_token, reduce="real", ignore_padding=True):
     """A loss from per-token terms (log_p (N, V), target (N,), eps, ignore_index) -> (N,)."""
 
@@ -328,58 +276,54 @@ def _kept(logits, target, ignore_index, dim=-1, log_of_softmax=False):
     return log_p[keep], flat[keep]
 
 
-def _loss_mistake(message: str, name: str, wrong, **more) -> Mistake:
-    return Mistake(message, wrong, symptom=lambda loss, found: found.get(name) is not None
-                   and same(loss, found[name], atol=1e-5, rtol=1e-5), **more)
+def _loss_args(wrong):
+    """A loss with every argument given (as the check passes them to the mistakes)."""
+    return lambda logits, target, smoothing=0.1, ignore_index=-100: wrong(
+        logits, target, smoothing, ignore_index)
 
 
-_LOSS = [
-    _loss_mistake("padding is counted in the mean: you zeroed the loss at ignored positions but "
-                  "divided by all positions; divide by the number of targets that are not "
-                  "ignore_index.", "pads in the mean", _loss_from(_right_terms, reduce="all")),
-    _loss_mistake("your loss is the plain cross-entropy: the smoothing is missing (loss = (1 - "
-                  "smoothing) * (-log p[target]) + smoothing * mean over classes of (-log p)).",
-                  "no smoothing", _loss_from(lambda lp, t, e, i: _nll(lp, t))),
-    _loss_mistake("you spread the smoothing mass over the V-1 wrong classes (target gets exactly "
-                  "1 - smoothing); F.cross_entropy spreads smoothing/V over all V classes, the "
-                  "target included, so the target gets 1 - smoothing + smoothing/V.", "V-1",
-                  _loss_from(_spread_over_others)),
-    _loss_mistake("only the (1 - smoothing) * (-log p[target]) term is there: add smoothing "
-                  "times the mean over classes of -log p.", "no uniform term",
-                  _loss_from(lambda lp, t, e, i: (1 - e) * _nll(lp, t))),
-    _loss_mistake("the target term is not scaled by (1 - smoothing): loss = (1 - smoothing) * "
-                  "(-log p[target]) + smoothing * mean_c(-log p[c]).", "target not scaled",
-                  _loss_from(lambda lp, t, e, i: _nll(lp, t) - e * lp.mean(-1))),
-    _loss_mistake("the smoothing term sums -log p over the classes; it is the mean (each class "
-                  "gets smoothing/V).", "sum over classes",
-                  _loss_from(lambda lp, t, e, i: (1 - e) * _nll(lp, t) - e * lp.sum(-1))),
-    _loss_mistake("your loss is the sum over tokens: return the mean over the tokens that are "
-                  "not ignore_index (reduction='mean').", "sum reduction",
-                  _loss_from(_right_terms, reduce="sum")),
-    _loss_mistake("your loss is smaller than F.cross_entropy's by exactly the entropy of the "
-                  "smoothed target: you computed the KL divergence (nn.KLDivLoss, as in some "
-                  "tutorials), not the cross-entropy. They have the same gradient but not the "
-                  "same value.", "KL divergence", _kl_divergence),
-    _loss_mistake("you give the padding class no smoothing mass and spread it as "
-                  "smoothing/(V-2) over the others (as the Annotated Transformer does); "
-                  "F.cross_entropy spreads smoothing/V over every class, ignore_index included.",
-                  "annotated", _loss_from(_annotated_transformer)),
-    _loss_mistake("padding targets are not ignored: they are scored as a class and counted in "
-                  "the mean; leave out every position whose target is ignore_index.",
-                  "padding not ignored", _loss_from(_right_terms, reduce="all", ignore_padding=False),
-                  expect="padding targets are not ignored|padding is counted"),
-    _loss_mistake("you averaged each sequence over its tokens, then the sequences: "
-                  "F.cross_entropy averages over all real tokens at once, so a long sequence "
-                  "weighs more than a short one.", "per row", _loss_from(_right_terms, reduce="rows")),
-    _loss_mistake("the softmax runs over dim 1, the length axis: here the classes are on the "
-                  "last axis, (batch, L, V); use log_softmax(dim=-1).", "softmax over dim 1",
-                  lambda logits, target, smoothing=0.1, ignore_index=-100: _right_terms(
-                      *_kept(logits, target, ignore_index, dim=1), smoothing, ignore_index).mean()),
-    _loss_mistake(lambda found: "your loss is the one for smoothing=0.1, but smoothing="
-                  f"{found['smoothing']} was asked for: the smoothing argument is ignored.",
-                  "smoothing ignored", lambda logits, target, smoothing=0.1, ignore_index=-100:
-                  _loss_from(_right_terms)(logits, target, 0.1, ignore_index),
-                  expect="smoothing argument is ignored"),
+_LOSS = [  # run on the case in float64, in this order
+    Mistake("padding is counted in the mean: you zeroed the loss at ignored positions but "
+            "divided by all positions; divide by the number of targets that are not "
+            "ignore_index.", _loss_from(_right_terms, reduce="all")),
+    Mistake("your loss is the plain cross-entropy: the smoothing is missing (loss = (1 - "
+            "smoothing) * (-log p[target]) + smoothing * mean over classes of (-log p)).",
+            _loss_from(lambda lp, t, e, i: _nll(lp, t))),
+    Mistake("you spread the smoothing mass over the V-1 wrong classes (target gets exactly 1 - "
+            "smoothing); F.cross_entropy spreads smoothing/V over all V classes, the target "
+            "included, so the target gets 1 - smoothing + smoothing/V.",
+            _loss_from(_spread_over_others)),
+    Mistake("only the (1 - smoothing) * (-log p[target]) term is there: add smoothing times the "
+            "mean over classes of -log p.", _loss_from(lambda lp, t, e, i: (1 - e) * _nll(lp, t))),
+    Mistake("the target term is not scaled by (1 - smoothing): loss = (1 - smoothing) * (-log "
+            "p[target]) + smoothing * mean_c(-log p[c]).",
+            _loss_from(lambda lp, t, e, i: _nll(lp, t) - e * lp.mean(-1))),
+    Mistake("the smoothing term sums -log p over the classes; it is the mean (each class gets "
+            "smoothing/V).", _loss_from(lambda lp, t, e, i: (1 - e) * _nll(lp, t) - e * lp.sum(-1))),
+    Mistake("your loss is the sum over tokens: return the mean over the tokens that are not "
+            "ignore_index (reduction='mean').", _loss_from(_right_terms, reduce="sum")),
+    Mistake("your loss is smaller than F.cross_entropy's by exactly the entropy of the smoothed "
+            "target: you computed the KL divergence (nn.KLDivLoss, as in some tutorials), not "
+            "the cross-entropy. They have the same gradient but not the same value.",
+            _kl_divergence),
+    Mistake("you give the padding class no smoothing mass and spread it as smoothing/(V-2) over "
+            "the others (as the Annotated Transformer does); F.cross_entropy spreads "
+            "smoothing/V over every class, ignore_index included.",
+            _loss_from(_annotated_transformer)),
+    Mistake("padding targets are not ignored: they are scored as a class and counted in the "
+            "mean; leave out every position whose target is ignore_index.",
+            _loss_from(_right_terms, reduce="all", ignore_padding=False),
+            expect="padding targets are not ignored|padding is counted"),
+    Mistake("you averaged each sequence over its tokens, then the sequences: F.cross_entropy "
+            "averages over all real tokens at once, so a long sequence weighs more than a short "
+            "one.", _loss_from(_right_terms, reduce="rows")),
+    Mistake("the softmax runs over dim 1, the length axis: here the classes are on the last "
+            "axis, (batch, L, V); use log_softmax(dim=-1).", _loss_args(lambda *a: _right_terms(
+                *_kept(*a[:2], a[3], dim=1), a[2], a[3]).mean())),
+    Mistake(lambda logits, target, smoothing, index: "your loss is the one for smoothing=0.1, "
+            f"but smoothing={smoothing} was asked for: the smoothing argument is ignored.",
+            _loss_args(lambda logits, target, smoothing, ignore_index: _loss_from(_right_terms)(
+                logits, target, 0.1, ignore_index)), expect="smoothing argument is ignored"),
 ]
 _LOSS_CAUGHT = [
     Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: _right_terms(
@@ -463,8 +407,7 @@ def check_label_smoothed_cross_entropy(label_smoothed_cross_entropy):
         if not torch.isfinite(loss):
             fail(f"{label} is {loss.item()}: with ordinary logits the loss is finite; does a "
                  "position get log(0)?")
-        found = _loss_found(logits, target, smoothing, index)
-        name_mistake(loss, _LOSS, {**found, "smoothing": smoothing})
+        name_mistake(loss, _LOSS, logits.double(), target, smoothing, index, atol=1e-5, rtol=1e-5)
         expect_close(loss, expected, f"{label} differs from F.cross_entropy(..., "
                      f"label_smoothing={smoothing}, ignore_index={index})", atol=1e-5, rtol=1e-5)
 
