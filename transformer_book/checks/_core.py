@@ -331,14 +331,15 @@ def fmt(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
-def with_weights_of(module, *inputs, build):
+def with_weights_of(module, *inputs, build, state=None, training=False):
     """``run`` for a table of wrong classes (see :func:`name_mistake`): each is built by
-    ``build(wrong_class)`` like the student's ``module``, given its weights and buffers, put
-    in eval mode and applied to ``inputs``."""
+    ``build(wrong_class)`` like the student's ``module``, given its weights and buffers (or
+    ``state``, a state_dict saved earlier), put in eval mode (train mode with ``training``)
+    and applied to ``inputs``."""
 
     def run(wrong_class):
-        twin = build(wrong_class).eval()
-        twin.load_state_dict(module.state_dict(), strict=False)
+        twin = build(wrong_class).train(training)
+        twin.load_state_dict(module.state_dict() if state is None else state, strict=False)
         with torch.no_grad():
             return twin(*inputs)
 

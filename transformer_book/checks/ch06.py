@@ -319,13 +319,6 @@ def _bn_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1) if x.dim() == 2 else v.view(1, -1, 1)
 
 
-def _bn_apply(x, mean, var, weight, bias, eps):
-    x = x.double()
-    return (x - _bn_view(mean.double(), x)) / torch.sqrt(_bn_view(var.double(), x) + eps) * _bn_view(
-        weight.double(), x
-    ) + _bn_view(bias.double(), x)
-
-
 class _BatchNorm(nn.Module):
     """A right BatchNorm1d whose pieces the wrong ones below change one at a time."""
 
@@ -453,68 +446,39 @@ def _check_running(student, reference, old_mean, old_var, x, momentum, step: str
     expect_close(var_s, var_r, f"after {step}, running_var differs from nn.BatchNorm1d's")
 
 
-_TRAIN = [  # named with the batch's own statistics and the student's running ones
+_TRAIN = [  # run from the student's weights and running statistics before the step
     Mistake("in training mode your output uses the running statistics. Training mode normalizes "
             "with the batch's own mean and (biased) variance; the running averages are for eval "
             "mode (self.training tells you which).",
-            _bn_train(lambda self, x: self.normalize(x, self.running_mean, self.running_var)),
-            symptom=lambda y, f: same(y, _bn_apply(f["x"], *f["running"], f["w"], f["b"], f["eps"]))),
+            _bn_train(lambda self, x: self.normalize(x, self.running_mean, self.running_var))),
     Mistake("you normalized with the unbiased batch variance (divided by n - 1). BatchNorm "
             "normalizes a training batch with the biased variance (divided by n); only "
             "running_var stores the unbiased one.",
-            _bn_train(lambda self, x: self.normalize(x, x.mean(dim=_bn_dims(x)), x.var(dim=_bn_dims(x)))),
-            symptom=lambda y, f: same(y, _bn_apply(f["x"], f["mean"], f["unbiased"], f["w"], f["b"], f["eps"]))),
+            _bn_train(lambda self, x: self.normalize(x, x.mean(dim=_bn_dims(x)), x.var(dim=_bn_dims(x))))),
     Mistake("your output ignores weight and bias: y = weight * x_hat + bias, one weight and "
             "bias per feature.",
             _bn_train(lambda self, x: (x - _bn_view(self.batch_stats(x)[0], x)) / torch.sqrt(
-                _bn_view(self.batch_stats(x)[1], x) + self.eps)),
-            symptom=lambda y, f: same(y, _bn_apply(f["x"], f["mean"], f["biased"], torch.ones_like(f["w"]),
-                                                   torch.zeros_like(f["b"]), f["eps"]))),
+                _bn_view(self.batch_stats(x)[1], x) + self.eps))),
     Mistake("your statistics are taken over the features (dim 1), separately for each sample: "
             "that is a layer norm. BatchNorm takes them over the batch (dim 0, and dim 2 for (N, "
-            "C, L) inputs), separately for each feature.", _bn_train(_over_features),
-            symptom=lambda y, f: same(y, _over_features_of(f, 1))),
+            "C, L) inputs), separately for each feature.", _bn_train(_over_features)),
     Mistake("for an (N, C, L) input your statistics are per feature AND per position (over dim "
             "0 only). nn.BatchNorm1d averages over dims 0 and 2 together: one mean and one "
-            "variance per feature.", _bn_train(_per_position),
-            symptom=lambda y, f: f["x"].dim() == 3 and same(y, _over_features_of(f, 0))),
+            "variance per feature.", _bn_train(_per_position)),
 ]
-
-
-def _over_features_of(f, dim: int):
-    xd, eps = f["x"].detach().double(), f["eps"]
-    x_hat = (xd - xd.mean(dim=dim, keepdim=True)) / torch.sqrt(xd.var(dim=dim, keepdim=True, correction=0) + eps)
-    return x_hat * _bn_view(f["w"].double(), xd) + _bn_view(f["b"].double(), xd)
-
-
-def _check_train_output(y, x, student_running, weight, bias, eps, expected, what):
-    if same(y, expected):
-        return
-    xd = x.detach().double()
-    dims = _bn_dims(x)
-    found = dict(x=x.detach(), running=student_running, w=weight.detach(), b=bias.detach(),
-                 eps=eps, mean=xd.mean(dim=dims), biased=xd.var(dim=dims, correction=0),
-                 unbiased=xd.var(dim=dims, correction=1))
-    name_mistake(y, _TRAIN, found, prefix=f"{what}: ")
-    expect_close(y, expected, f"{what}: your output differs from nn.BatchNorm1d's")
-
-
 _EVAL = [
     Mistake("your output uses the batch's own statistics. After .eval(), BatchNorm normalizes "
             "with running_mean and running_var (check self.training); that is what makes its "
             "output independent of the batch.",
             _bn(forward=lambda self, x: self.normalize(x, *self.batch_stats(x)) if not self.training
-                else _BatchNorm.forward(self, x)),
-            symptom=lambda y, x, w, b, eps: same(y, _bn_apply(
-                x, x.double().mean(dim=_bn_dims(x)), x.double().var(dim=_bn_dims(x), correction=0), w, b, eps))),
+                else _BatchNorm.forward(self, x))),
 ]
 _EPS_BN = [
     Mistake(" and feature 1 quiet: eps is added to the standard deviation, (x - mean) / "
             "(sqrt(var) + eps). It belongs inside the root: (x - mean) / sqrt(var + eps).",
-            _bn_eps(outside=True), symptom=lambda y, xd, mean, var: same(y, (xd - mean) / (var.sqrt() + 1e-5))),
+            _bn_eps(outside=True)),
     Mistake(" and feature 1 quiet: eps is used only where the variance is 0. Add it to every "
-            "variance: (x - mean) / sqrt(var + eps).", _bn_eps(outside=False),
-            symptom=lambda y, xd, mean, var: same(y, (xd - mean) / torch.sqrt(var + 1e-5 * (var == 0)))),
+            "variance: (x - mean) / sqrt(var + eps).", _bn_eps(outside=False)),
 ]
 
 
@@ -591,9 +555,15 @@ def _buffer(module, name: str, num_features: int, init: float):
 
 def _bn_train_step(student, reference, weight, bias, x, momentum, eps, what, args, step, stage) -> None:
     old = (student.running_mean.detach().clone(), student.running_var.detach().clone())
+    state = {name: value.detach().clone() for name, value in student.state_dict().items()}
     y = _call_bn(student, x, what)
     expected = reference(x)
-    _check_train_output(y, x, old, weight, bias, eps, expected.detach().double(), what)
+    if not same(y, expected.detach().double()):
+        name_mistake(y, _TRAIN, prefix=f"{what}: ", run=with_weights_of(
+            student, x.detach(), state=state, training=True,
+            build=lambda c: c(weight.numel(), eps=eps, momentum=momentum)))
+        expect_close(y, expected.detach().double(), f"{what}: your output differs from "
+                     "nn.BatchNorm1d's")
     upstream = randn(*x.shape, seed=90 + step)
     _expect_graph(y, what)
     mine = torch.autograd.grad((y * upstream).sum(), (x, weight, bias), allow_unused=True)
@@ -622,7 +592,8 @@ def _bn_eval(student, reference, x, new_w, new_b, eps, what, args) -> None:
             fail(f"{what}: the running statistics changed during an eval-mode forward pass: "
                  "update them only in training mode (if self.training: ...).")
         if not same(y, expected):
-            name_mistake(y, _EVAL, x, new_w, new_b, eps, prefix=f"{what}: ")
+            name_mistake(y, _EVAL, prefix=f"{what}: ", run=with_weights_of(
+                student, x, build=lambda c: c(new_w.numel(), eps=eps)))
             expect_close(y, expected, f"{what}: your output differs from nn.BatchNorm1d's")
         one = x[:1, :, :1] if x.dim() == 3 else x[:1]
         y_one = _call_bn(student, one, f"BatchNorm1d({args}) in eval mode on a batch of one")
@@ -699,8 +670,8 @@ def _check_batch_norm_eps(BatchNorm1d) -> None:  # noqa: N803 - the argument is 
              "(x - mean) / sqrt(var) is 0/0: eps is missing. Normalize with "
              "(x - mean) / sqrt(var + eps), eps inside the square root.")
     if not same(y, expected):
-        xd = x.double()
-        name_mistake(y, _EPS_BN, xd, xd.mean(dim=0), xd.var(dim=0, correction=0), prefix=what)
+        name_mistake(y, _EPS_BN, prefix=what, run=with_weights_of(
+            student, x, training=True, build=lambda c: c(3)))
 
 
 # --------------------------------------------------------------------------- exercise 6.3
