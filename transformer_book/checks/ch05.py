@@ -468,26 +468,22 @@ def _stale_gradients(layers, seed: int) -> None:
             p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype)
 
 
-def _per_layer(layers, values, sum_of_norms: bool = False) -> torch.Tensor:
-    """One number per layer from ``values`` (a tensor or None per parameter, in order).
-
-    By default the norm of all the layer's values together, sqrt(sum of squares); with
-    ``sum_of_norms`` the sum of the separate norms (a usual mistake).
-    """
+def _per_layer(layers, values) -> torch.Tensor:
+    """The norm of each layer's ``values`` (a tensor or None per parameter, in order) together,
+    sqrt(sum of squares), in float64."""
     norms, i = [], 0
     for layer in layers:
         total = torch.zeros((), dtype=torch.float64)
         for _ in layer.parameters():
             if values[i] is not None:
-                value = values[i].detach().double()
-                total = total + (value.norm() if sum_of_norms else value.pow(2).sum())
+                total = total + values[i].detach().double().pow(2).sum()
             i += 1
-        norms.append(total if sum_of_norms else total.sqrt())
+        norms.append(total.sqrt())
     return torch.stack(norms)
 
 
 def _norms(layers, values):
-    """Test helper for the wrong probes below: one norm per layer of ``values(p)``."""
+    """For the wrong probes below: one norm per layer of ``values(p)``."""
     out = []
     for layer in layers:
         squares = [values(p).pow(2).sum() for p in layer.parameters() if values(p) is not None]
@@ -523,62 +519,37 @@ def _sum_of_norms(layers, loss):
     return torch.stack([v.float() for v in out])
 
 
-def _probe_mistake(message: str, candidate: str, wrong, **more) -> Mistake:
-    """Named when the result equals ``candidate``, computed by the check from the gradients."""
-    return Mistake(message, wrong, symptom=lambda out, found: same(out, found[candidate]), **more)
+def _fresh(values, order: int = 1):
+    """A probe that zeroes the gradients, runs backward, and takes the norms of ``values``."""
+    return lambda layers, loss: _norms(_fresh_backward(layers, loss)[::order], values)
 
 
 _PROBE = [
-    _probe_mistake("the result includes gradients left in .grad by an earlier backward pass: "
-                   "backward() adds to .grad, it does not overwrite it. Zero the gradients "
-                   "before loss.backward() (or use torch.autograd.grad, which leaves .grad "
-                   "alone).", "accumulated", _no_zero_grad, when=lambda found: found["stale"]),
-    _probe_mistake("every norm is 0: the gradients were cleared after backward and before they "
-                   "were read (zero_grad in the wrong place), or never computed.", "zeros",
-                   _zero_grad_after_backward),
-    _probe_mistake("these are the norms of the layers' weights, not of their gradients: use "
-                   "p.grad (after loss.backward()) or torch.autograd.grad(loss, params).",
-                   "weights", lambda layers, loss: _norms(layers, lambda p: p.detach())),
-    _probe_mistake("the norms are in reverse order: entry i belongs to layers[i], the first "
-                   "layer first, even though backpropagation visits the layers from the last "
-                   "one.", "reversed",
-                   lambda layers, loss: _norms(_fresh_backward(layers, loss)[::-1],
-                                               lambda p: p.grad)),
-    _probe_mistake("only the weight matrices are counted: include every parameter of the layer, "
-                   "biases and norm gains too.", "weights only",
-                   lambda layers, loss: _norms(_fresh_backward(layers, loss),
-                                               lambda p: p.grad if p.dim() > 1 else None)),
-    _probe_mistake("these are squared norms: take the square root of the sum of squares.",
-                   "squared", lambda layers, loss: _norms(_fresh_backward(layers, loss),
-                                                          lambda p: p.grad) ** 2),
-    _probe_mistake("you added up the norms of a layer's parameters; the norm of the layer's "
-                   "gradient is sqrt(sum over parameters of (grad ** 2).sum()), not a sum of "
-                   "norms.", "summed", _sum_of_norms),
-    Caught(lambda layers, loss: torch.stack([p.grad.norm().float() for layer in
-                                             _fresh_backward(layers, loss)
-                                             for p in layer.parameters()]),
-           "one per parameter tensor"),
-    Caught(lambda layers, loss: torch.stack([torch.stack([p.grad.norm() for p in
-                                                          layer.parameters()]).norm()
-                                             for layer in _fresh_backward(layers, loss)]),
-           "raised"),  # a layer the loss never uses has no .grad
+    Mistake("the result includes gradients left in .grad by an earlier backward pass: "
+            "backward() adds to .grad, it does not overwrite it. Zero the gradients before "
+            "loss.backward() (or use torch.autograd.grad, which leaves .grad alone).",
+            _no_zero_grad, when=lambda stale: stale),
+    Mistake("every norm is 0: the gradients were cleared after backward and before they were "
+            "read (zero_grad in the wrong place), or never computed.", _zero_grad_after_backward),
+    Mistake("these are the norms of the layers' weights, not of their gradients: use p.grad "
+            "(after loss.backward()) or torch.autograd.grad(loss, params).",
+            lambda layers, loss: _norms(layers, lambda p: p.detach())),
+    Mistake("the norms are in reverse order: entry i belongs to layers[i], the first layer "
+            "first, even though backpropagation visits the layers from the last one.",
+            _fresh(lambda p: p.grad, order=-1)),
+    Mistake("only the weight matrices are counted: include every parameter of the layer, "
+            "biases and norm gains too.", _fresh(lambda p: p.grad if p.dim() > 1 else None)),
+    Mistake("these are squared norms: take the square root of the sum of squares.",
+            lambda layers, loss: _fresh(lambda p: p.grad)(layers, loss) ** 2),
+    Mistake("you added up the norms of a layer's parameters; the norm of the layer's gradient is "
+            "sqrt(sum over parameters of (grad ** 2).sum()), not a sum of norms.", _sum_of_norms),
+    Caught(lambda layers, loss: torch.stack([
+        p.grad.norm().float() for layer in _fresh_backward(layers, loss)
+        for p in layer.parameters()]), "one per parameter tensor"),
+    Caught(lambda layers, loss: torch.stack([  # a layer the loss never uses has no .grad
+        torch.stack([p.grad.norm() for p in layer.parameters()]).norm()
+        for layer in _fresh_backward(layers, loss)]), "raised"),
 ]
-
-
-def _probe_candidates(layers, params, grads, old, right, stale: bool) -> dict:
-    """What each mistake of the table returns on this case."""
-    return {
-        "stale": stale,
-        "accumulated": _per_layer(layers, [o if g is None else (g if o is None else g + o)
-                                           for g, o in zip(grads, old)]),
-        "zeros": torch.zeros_like(right),
-        "weights": _per_layer(layers, list(params)),
-        "reversed": right.flip(0),
-        "weights only": _per_layer(layers, [g if p.dim() > 1 else None
-                                            for p, g in zip(params, grads)]),
-        "squared": right.pow(2),
-        "summed": _per_layer(layers, grads, sum_of_norms=True),
-    }
 
 
 def _probe_case(gradient_norms, layers, loss_fn, x, stale: bool, case: int) -> None:
@@ -607,7 +578,13 @@ def _probe_case(gradient_norms, layers, loss_fn, x, stale: bool, case: int) -> N
              "parameters the loss does not use, should get 0.")
     if same(out, right, atol=1e-6, rtol=1e-4):
         return
-    name_mistake(out, _PROBE, _probe_candidates(layers, params, grads, old, right, stale))
+    def replay(wrong):  # the wrong probe on the same model, with the same gradients left over
+        for param, grad in zip(params, old):
+            param.grad = None if grad is None else grad.clone()
+        with torch.enable_grad():  # (name_mistake runs it under no_grad)
+            return wrong(layers, loss_fn(x))
+
+    name_mistake(out, _PROBE, stale, run=replay)
     worst = (out.detach().double() - right).abs().max().item()
     fail("gradient_norms differs from the norm of dloss/dparameters per layer "
          f"(case {case + 1}, largest difference {worst:.3g}).")
