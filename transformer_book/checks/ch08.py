@@ -322,7 +322,8 @@ _CROSS_REFUSED = (
 
 
 def _counted_steps(step_fn, mha, xs, memory):
-    """The student's outputs over the steps, and how often they ran mha.w_k and mha.w_v."""
+    """The student's outputs over the steps, how often they ran mha.w_k and mha.w_v, and the
+    cache they left."""
     calls = {"k": 0, "v": 0}
     hooks = [getattr(mha, f"w_{n}").register_forward_hook(
         lambda *_, n=n: calls.__setitem__(n, calls[n] + 1)) for n in "kv"]
