@@ -45,8 +45,6 @@ from ._core import (
 _cross_entropy = F.cross_entropy
 
 
-
-
 # ----------------------------------------------------------------------------- exercise 7.1
 
 
@@ -459,8 +457,6 @@ def _reference_batch(sequences, bos_id: int, eos_id: int, pad_id: int):
             for j in range(i + 1):
                 mask[b, 0, i, j] = bool(decoder_input[b, j] != pad_id)
     return decoder_input, decoder_target, mask
-
-
 
 
 def _padded(rows, pad_id, length):
