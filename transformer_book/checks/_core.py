@@ -281,7 +281,11 @@ def expect_close(actual, expected, message: str, atol: float = 1e-5, rtol: float
 
 
 def same(actual, expected, atol: float = 1e-5, rtol: float = 1e-4, equal_nan: bool = False) -> bool:
-    """Whether ``actual`` is a tensor of ``expected``'s shape, equal to it within tolerance."""
+    """Whether ``actual`` is a tensor of ``expected``'s shape, equal to it within tolerance
+    (a Python number counts as a 0-d float64 tensor)."""
+    actual, expected = (torch.tensor(float(v), dtype=torch.float64)
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                        for v in (actual, expected))
     if expected is None or not isinstance(actual, torch.Tensor):
         return False
     if tuple(actual.shape) != tuple(expected.shape):

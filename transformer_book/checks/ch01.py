@@ -535,31 +535,19 @@ def _gap_variant(layer, x, perm, *, compare="equivariant", reduce="max", absolut
     return (diff.mean() if reduce == "mean" else diff.max()).item()
 
 
-def _gap_mistake(message: str, **options) -> Mistake:
-    """A wrong permutation_gap: named when the gap returned is its value and not the gap."""
-    wrong = partial(_gap_variant, **options)
-
-    def symptom(got, layer, x, perm):
-        value, expected = wrong(layer, x, perm), _gap_variant(layer, x, perm)
-        return (abs(value - expected) > 1e-6 + 1e-4 * expected
-                and abs(got - value) <= 1e-6 + 1e-4 * abs(value))
-
-    return Mistake(message, wrong, symptom=symptom)
-
-
 _INVERSE = ("applies the inverse permutation on one side: reorder the input and the output "
             "the same way, layer(x[..., perm, :]) against layer(x)[..., perm, :].")
 _GAP = [
-    _gap_mistake("compares layer(permuted x) with layer(x) itself: that tests invariance, and "
-                 "self-attention is not invariant, since its output rows move with the tokens. "
-                 "Permute layer(x) too: layer(x)[..., perm, :].", compare="invariant"),
-    _gap_mistake(_INVERSE, compare="inverse output"),
-    _gap_mistake(_INVERSE, compare="inverse input"),
-    _gap_mistake("returns the largest signed difference: take the absolute value first "
-                 "(.abs().max()), since the outputs can differ in either direction.",
-                 absolute=False),
-    _gap_mistake("returns the mean absolute difference: the task asks for the largest, .max().",
-                 reduce="mean"),
+    Mistake("compares layer(permuted x) with layer(x) itself: that tests invariance, and "
+            "self-attention is not invariant, since its output rows move with the tokens. Permute "
+            "layer(x) too: layer(x)[..., perm, :].", partial(_gap_variant, compare="invariant")),
+    Mistake(_INVERSE, partial(_gap_variant, compare="inverse output")),
+    Mistake(_INVERSE, partial(_gap_variant, compare="inverse input")),
+    Mistake("returns the largest signed difference: take the absolute value first (.abs().max()), "
+            "since the outputs can differ in either direction.",
+            partial(_gap_variant, absolute=False)),
+    Mistake("returns the mean absolute difference: the task asks for the largest, .max().",
+            partial(_gap_variant, reduce="mean")),
     Caught(lambda *args: torch.tensor([_gap_variant(*args)] * 2), "return one number"),
     Caught(lambda layer, x, perm: (layer(x[:, perm]) - layer(x)[:, perm]).abs().max().item(),
            r"raised RuntimeError.*\(5, 6\)"),  # dim 1 holds the tokens only when x is 3-d
@@ -575,7 +563,8 @@ def _check_gap(permutation_gap, layer, x, perm, label):
     expected = _gap_variant(layer, x, perm)
     if abs(got - expected) <= 1e-6 + 1e-4 * expected:
         return expected
-    name_mistake(got, _GAP, layer, x, perm, prefix=f"On {label}, your permutation_gap ")
+    name_mistake(got, _GAP, layer, x, perm, prefix=f"On {label}, your permutation_gap ",
+                 atol=1e-6)
     fail(f"On {label}, your permutation_gap returned {got:.4g}; the largest absolute difference "
          f"between layer(x[..., perm, :]) and layer(x)[..., perm, :] is {expected:.4g}.")
 

@@ -480,7 +480,7 @@ def _size_variant(num_layers, batch, length, d_model, num_heads, num_kv_heads, d
     width = (num_kv_heads if heads == "kv" else num_heads) * (d_model // num_heads)
     per = torch.tensor([], dtype=dtype).element_size() if size is None else size
     total = factor * batch * length * width * per * (num_layers if layers else 1)
-    return torch.tensor(total * 8 if bits else total, dtype=torch.float64)
+    return total * 8 if bits else total
 
 
 _SIZES = [
@@ -523,8 +523,7 @@ def check_kv_cache_bytes(kv_cache_bytes):
         where = (f"for {num_layers} layers, batch {batch}, L {length}, d_model {d_model}, "
                  f"{num_heads} heads, {num_kv_heads} key/value heads, {dtype}")
         found = f"your size {where} is {got:,}, expected {expected:,}"
-        name_mistake(torch.tensor(got, dtype=torch.float64), _SIZES, *case, atol=0, rtol=0,
-                     prefix=found + ": ")
+        name_mistake(got, _SIZES, *case, atol=0, rtol=0, prefix=found + ": ")
         fail(f"{found} (the bytes of the tensors held): layers x 2 x batch x L x num_kv_heads "
              "x d_head x bytes.")
 
