@@ -281,37 +281,17 @@ def expect_close(actual, expected, message: str, atol: float = 1e-5, rtol: float
 
 
 def same(actual, expected, atol: float = 1e-5, rtol: float = 1e-4, equal_nan: bool = False) -> bool:
-    """Whether ``actual`` is a tensor of ``expected``'s shape, equal to it within tolerance."""
+    """Whether ``actual`` is a tensor of ``expected``'s shape, equal to it within tolerance
+    (a Python number counts as a 0-d float64 tensor)."""
+    actual, expected = (torch.tensor(float(v), dtype=torch.float64)
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                        for v in (actual, expected))
     if expected is None or not isinstance(actual, torch.Tensor):
         return False
     if tuple(actual.shape) != tuple(expected.shape):
         return False
     actual = actual.detach().to(expected.dtype)
     return bool(torch.allclose(actual, expected, atol=atol, rtol=rtol, equal_nan=equal_nan))
-
-
-def attempt(compute):
-    """The value of a would-be wrong answer, or None when its shapes do not fit this case."""
-    try:
-        return compute()
-    except RuntimeError:
-        return None
-
-
-def diagnose(actual, candidates, general: str | None = None, **tolerance) -> None:
-    """Name the mistake: fail with the message of the first candidate ``actual`` matches.
-
-    ``candidates`` holds (wrong answer, message) pairs; a wrong answer is a tensor, None
-    (skipped), or a function computing it (skipped when its shapes do not fit). When
-    nothing matches and ``general`` is given, fail with ``general``.
-    """
-    for wrong, message in candidates:
-        if callable(wrong):
-            wrong = attempt(wrong)
-        if same(actual, wrong, **tolerance):
-            fail(message)
-    if general is not None:
-        fail(general)
 
 
 def expect_unchanged(before: torch.Tensor, after: torch.Tensor, name: str) -> None:
@@ -353,6 +333,21 @@ def randn(*shape, seed: int, scale=1.0, shift=0.0, dtype=torch.float32) -> torch
 def fmt(shape) -> str:
     """A shape as (2, 3) (and a one-dim shape as (3), as students write it)."""
     return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def with_weights_of(module, *inputs, build, state=None, training=False):
+    """``run`` for a table of wrong classes (see :func:`name_mistake`): each is built by
+    ``build(wrong_class)`` like the student's ``module``, given its weights and buffers (or
+    ``state``, a state_dict saved earlier), put in eval mode (train mode with ``training``)
+    and applied to ``inputs``."""
+
+    def run(wrong_class):
+        twin = build(wrong_class).train(training)
+        twin.load_state_dict(module.state_dict() if state is None else state, strict=False)
+        with torch.no_grad():
+            return twin(*inputs)
+
+    return run
 
 
 def first_difference(got: torch.Tensor, expected: torch.Tensor) -> str:
@@ -443,11 +438,6 @@ def refused(students, targets, message: str):
             scope[name] = original
         for cell, original in cells:
             cell.cell_contents = original
-
-
-def forbidden(targets, message: str):
-    """:func:`refused` for attributes only (no student functions to rebind)."""
-    return refused((), targets, message)
 
 
 def attention_functions() -> list[tuple[object, str]]:

@@ -33,13 +33,7 @@ from ._core import (
     same,
 )
 
-ATOL, RTOL = 1e-5, 1e-4
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _close(actual, expected) -> bool:
-    return same(actual, expected, atol=ATOL, rtol=RTOL)
 
 
 def _random(*shape, generator, scale=1.0):
@@ -95,8 +89,8 @@ def _check_weights_shape(weights, expected, lq: int, lk: int, what: str, extra: 
 def _diagnose(actual, reference, table, args, general: str, pick) -> None:
     """Unless ``actual`` is the reference: the first mistake of ``table`` it matches, else
     ``general``."""
-    if not _close(actual, reference):
-        name_mistake(actual, table, *args, pick=pick, general=general, atol=ATOL, rtol=RTOL)
+    if not same(actual, reference):
+        name_mistake(actual, table, *args, pick=pick, general=general)
 
 
 def _rows_sum_message(weights: torch.Tensor) -> str | None:
@@ -222,14 +216,12 @@ def _additive_cases(generator):
         ((2,), 3, 4, 3, 5, 2, 6, 150.0),
     ]
     for batch, lq, lk, d_q, d_k, d_v, d_h, scale in shapes:
-        yield dict(
-            query=_random(*batch, lq, d_q, generator=generator),
-            key=_random(*batch, lk, d_k, generator=generator),
-            value=_random(*batch, lk, d_v, generator=generator),
-            w_q=_weight(d_h, d_q, generator),
-            w_k=_weight(d_h, d_k, generator),
-            w_s=_random(d_h, generator=generator, scale=scale),
-        )
+        yield dict(query=_random(*batch, lq, d_q, generator=generator),
+                   key=_random(*batch, lk, d_k, generator=generator),
+                   value=_random(*batch, lk, d_v, generator=generator),
+                   w_q=_weight(d_h, d_q, generator),
+                   w_k=_weight(d_h, d_k, generator),
+                   w_s=_random(d_h, generator=generator, scale=scale))
 
 
 @exercise("1.1", "Additive (Bahdanau) attention", mistakes={
@@ -281,12 +273,10 @@ def _pool_cases(generator):
         ((2,), 5, 6, 9, 3, 40.0),
     ]
     for batch, length, d_model, d_k, d_v, scale in shapes:
-        yield dict(
-            x=_random(*batch, length, d_model, generator=generator, scale=scale),
-            query=_random(d_k, generator=generator),
-            w_k=_weight(d_k, d_model, generator),
-            w_v=_weight(d_v, d_model, generator),
-        )
+        yield dict(x=_random(*batch, length, d_model, generator=generator, scale=scale),
+                   query=_random(d_k, generator=generator),
+                   w_k=_weight(d_k, d_model, generator),
+                   w_v=_weight(d_v, d_model, generator))
 
 
 def _pool_reference(x, query, w_k, w_v):
@@ -437,7 +427,7 @@ def _pool_case(attention_pool, case, dtype):
                      "the inputs' dtype.")
     expect_finite(weights, "your attention weights", _OVERFLOW)
     ref_pooled, ref_w = _pool_reference(*args)
-    if length > 1 and not (_close(weights, ref_w) and _close(pooled, ref_pooled)):
+    if length > 1 and not (same(weights, ref_w) and same(pooled, ref_pooled)):
         _pool_invariance(attention_pool, inputs)
     sums = weights.detach().double().sum(dim=-1)
     general = (
@@ -545,31 +535,19 @@ def _gap_variant(layer, x, perm, *, compare="equivariant", reduce="max", absolut
     return (diff.mean() if reduce == "mean" else diff.max()).item()
 
 
-def _gap_mistake(message: str, **options) -> Mistake:
-    """A wrong permutation_gap: named when the gap returned is its value and not the gap."""
-    wrong = partial(_gap_variant, **options)
-
-    def symptom(got, layer, x, perm):
-        value, expected = wrong(layer, x, perm), _gap_variant(layer, x, perm)
-        return (abs(value - expected) > 1e-6 + 1e-4 * expected
-                and abs(got - value) <= 1e-6 + 1e-4 * abs(value))
-
-    return Mistake(message, wrong, symptom=symptom)
-
-
 _INVERSE = ("applies the inverse permutation on one side: reorder the input and the output "
             "the same way, layer(x[..., perm, :]) against layer(x)[..., perm, :].")
 _GAP = [
-    _gap_mistake("compares layer(permuted x) with layer(x) itself: that tests invariance, and "
-                 "self-attention is not invariant, since its output rows move with the tokens. "
-                 "Permute layer(x) too: layer(x)[..., perm, :].", compare="invariant"),
-    _gap_mistake(_INVERSE, compare="inverse output"),
-    _gap_mistake(_INVERSE, compare="inverse input"),
-    _gap_mistake("returns the largest signed difference: take the absolute value first "
-                 "(.abs().max()), since the outputs can differ in either direction.",
-                 absolute=False),
-    _gap_mistake("returns the mean absolute difference: the task asks for the largest, .max().",
-                 reduce="mean"),
+    Mistake("compares layer(permuted x) with layer(x) itself: that tests invariance, and "
+            "self-attention is not invariant, since its output rows move with the tokens. Permute "
+            "layer(x) too: layer(x)[..., perm, :].", partial(_gap_variant, compare="invariant")),
+    Mistake(_INVERSE, partial(_gap_variant, compare="inverse output")),
+    Mistake(_INVERSE, partial(_gap_variant, compare="inverse input")),
+    Mistake("returns the largest signed difference: take the absolute value first (.abs().max()), "
+            "since the outputs can differ in either direction.",
+            partial(_gap_variant, absolute=False)),
+    Mistake("returns the mean absolute difference: the task asks for the largest, .max().",
+            partial(_gap_variant, reduce="mean")),
     Caught(lambda *args: torch.tensor([_gap_variant(*args)] * 2), "return one number"),
     Caught(lambda layer, x, perm: (layer(x[:, perm]) - layer(x)[:, perm]).abs().max().item(),
            r"raised RuntimeError.*\(5, 6\)"),  # dim 1 holds the tokens only when x is 3-d
@@ -585,7 +563,8 @@ def _check_gap(permutation_gap, layer, x, perm, label):
     expected = _gap_variant(layer, x, perm)
     if abs(got - expected) <= 1e-6 + 1e-4 * expected:
         return expected
-    name_mistake(got, _GAP, layer, x, perm, prefix=f"On {label}, your permutation_gap ")
+    name_mistake(got, _GAP, layer, x, perm, prefix=f"On {label}, your permutation_gap ",
+                 atol=1e-6)
     fail(f"On {label}, your permutation_gap returned {got:.4g}; the largest absolute difference "
          f"between layer(x[..., perm, :]) and layer(x)[..., perm, :] is {expected:.4g}.")
 

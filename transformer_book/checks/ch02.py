@@ -141,9 +141,8 @@ _BUILTIN_SOFTMAXES = [
     *aten("softmax", "_softmax", "log_softmax", "_log_softmax", "special_softmax"),
 ]
 _BUILTIN_SOFTMAX_MESSAGE = (
-    "your stable_softmax calls PyTorch's softmax (torch.softmax, F.softmax, "
-    "Tensor.softmax or a log_softmax): the exercise is to write it yourself with "
-    "exp, amax and sum."
+    "your stable_softmax calls PyTorch's softmax (torch.softmax, F.softmax, Tensor.softmax or a "
+    "log_softmax): the exercise is to write it yourself with exp, amax and sum."
 )
 _SOFTMAX_HINTS = [
     Hint(TypeError, "return_types", "x.max(dim=...) returns a pair (values, indices), not a "
@@ -160,8 +159,7 @@ def _run_softmax(softmax, x, dim):
     with refused([softmax], _BUILTIN_SOFTMAXES, _BUILTIN_SOFTMAX_MESSAGE):
         y = call(softmax, x, dim=dim, what=f"stable_softmax(x, dim={dim})", hints=_SOFTMAX_HINTS)
     expect_unchanged(before, x.detach(), "x")
-    return expect_shape(y, x.shape, f"stable_softmax(x, dim={dim}) for x of shape "
-                        f"{tuple(x.shape)}")
+    return expect_shape(y, x.shape, f"stable_softmax(x, dim={dim}) for x of shape {tuple(x.shape)}")
 
 
 def _softmax_case(softmax, x, dim, table, general, finite) -> None:

@@ -35,6 +35,7 @@ from ._core import (
     name_mistake,
     refused,
     same,
+    with_weights_of,
 )
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -62,9 +63,8 @@ def _merge_reference(x):
 _HEAD_CASES = [(5, 3, 12, 3), (4, 2, 8, 2), (1, 2, 8, 4), (6, 1, 10, 2), (3, 4, 8, 8), (7, 2, 6, 1)]
 
 _VIEW_HINT = Hint(RuntimeError, "view", "In `.view`: after a permute or transpose (or on a "
-                  "transposed input) the tensor is not contiguous, and `.view` cannot regroup "
-                  "its axes; use `.reshape` (which copies when it must) or call `.contiguous()` "
-                  "first.")
+                  "transposed input) the tensor is not contiguous, and `.view` cannot regroup its "
+                  "axes; use `.reshape` (which copies when it must) or call `.contiguous()` first.")
 
 
 def _split_as(order: str):
@@ -176,10 +176,9 @@ def _check_split(split, x, num_heads, note=""):
         expect_shape(got, expected_shape, f"The result of {what}(x, {num_heads}) for x "
                      f"{fmt(x.shape)}")
     if not torch.equal(got.detach(), _split_reference(x, num_heads)):
-        name_mistake(got, _SPLIT, x, num_heads, atol=0, rtol=0, general=f"{what}(x, "
-                     f"{num_heads}) for x of shape {fmt(x.shape)}{note} has the right shape but "
-                     "the wrong contents: out[b, h, t] should be x[t, b, h * d_head:(h + 1) * "
-                     "d_head].")
+        name_mistake(got, _SPLIT, x, num_heads, atol=0, rtol=0, general=f"{what}(x, {num_heads}) "
+                     f"for x of shape {fmt(x.shape)}{note} has the right shape but the wrong "
+                     "contents: out[b, h, t] should be x[t, b, h * d_head:(h + 1) * d_head].")
 
 
 def _check_merge(merge, heads):
@@ -189,9 +188,8 @@ def _check_merge(merge, heads):
     expected_shape = (length, batch, num_heads * d_head)
     if tuple(got.shape) != expected_shape:
         if tuple(got.shape) == (batch, length, num_heads * d_head) and length != batch:
-            fail(f"{what} returned shape {fmt(got.shape)}, expected {fmt(expected_shape)}: that "
-                 "is batch-first. This exercise wants sequence-first output, (L, batch, "
-                 "d_model).")
+            fail(f"{what} returned shape {fmt(got.shape)}, expected {fmt(expected_shape)}: that is "
+                 "batch-first. This exercise wants sequence-first output, (L, batch, d_model).")
         expect_shape(got, expected_shape, f"The result of {what} for heads {fmt(heads.shape)}")
     if not torch.equal(got.detach(), _merge_reference(heads)):
         name_mistake(got, _MERGE, heads, atol=0, rtol=0, general=f"{what} for heads of shape "
@@ -325,10 +323,9 @@ _COMMON = [
     (dict(merge_bug=True), "Your output matches the heads merged with a reshape to (batch, L, "
      "d_model) and no transpose: features of different positions get glued together. "
      "transpose(1, 2) back to (batch, L, heads, d_head) before the reshape."),
-    (dict(split_bug=True, merge_bug=True), "Your output matches heads split and merged with "
-     "plain reshapes, without the transposes: the shapes fit but positions are mixed across "
-     "heads. Split with reshape to (batch, L, heads, d_head) + transpose(1, 2), and merge the "
-     "reverse way."),
+    (dict(split_bug=True, merge_bug=True), "Your output matches heads split and merged with plain "
+     "reshapes, without the transposes: the shapes fit but positions are mixed across heads. Split "
+     "with reshape to (batch, L, heads, d_head) + transpose(1, 2), and merge the reverse way."),
     (dict(mask_mode="inverted"), "Your output matches the mask inverted: in this course True "
      "means 'may attend', so fill the scores with -inf where the mask is False (~mask)."),
     (dict(mask_mode="after"), "Your output matches the weights multiplied by the mask after "
@@ -338,16 +335,8 @@ _COMMON = [
 ]
 
 
-def _with_weights_of(module, args, d_model, num_heads, bias):
-    """``run`` for a mistake class: built like the student's module, with its weights."""
-
-    def run(wrong_class):
-        twin = wrong_class(d_model, num_heads, bias=bias).eval()
-        twin.load_state_dict(module.state_dict(), strict=False)
-        with torch.no_grad():
-            return twin(*args)
-
-    return run
+def _twin(module, args, d_model, num_heads, bias):
+    return with_weights_of(module, *args, build=lambda c: c(d_model, num_heads, bias=bias))
 
 
 def _diagnose_module(output, module, table, run, reference, general, *args):
@@ -362,29 +351,21 @@ def _diagnose_module(output, module, table, run, reference, general, *args):
 
 def _check_stored_weights(weights, ref_w):
     if weights is None:
-        fail(
-            "Your module does not keep the weights: set self.attention_weights to the "
-            "(batch, heads, Lq, Lk) attention weights in forward."
-        )
+        fail("Your module does not keep the weights: set self.attention_weights to the "
+             "(batch, heads, Lq, Lk) attention weights in forward.")
     expect_tensor(weights, "self.attention_weights")
     shape = tuple(ref_w.shape)
     if tuple(weights.shape) == shape[:1] + shape[2:] and _close(weights, ref_w.mean(1)):
-        fail(
-            "self.attention_weights holds the weights averaged over the heads: keep one map "
-            f"per head, shape (batch, heads, Lq, Lk) = {fmt(shape)}."
-        )
+        fail("self.attention_weights holds the weights averaged over the heads: keep one map "
+             f"per head, shape (batch, heads, Lq, Lk) = {fmt(shape)}.")
     expect_shape(weights, shape, "self.attention_weights")
     if not _close(weights, ref_w):
         sums = weights.detach().double().sum(-1)
         if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
-            fail(
-                "Your output is right but self.attention_weights rows do not sum to 1 over "
-                "the keys: store the weights after the softmax (and before any dropout)."
-            )
-        fail(
-            "Your output is right but self.attention_weights differs from the weights that "
-            "produced it: store the weights of the last call, per head, after the softmax."
-        )
+            fail("Your output is right but self.attention_weights rows do not sum to 1 over "
+                 "the keys: store the weights after the softmax (and before any dropout).")
+        fail("Your output is right but self.attention_weights differs from the weights that "
+             "produced it: store the weights of the last call, per head, after the softmax.")
 
 
 def _module_mask(kind, batch, lq, lk, generator):
@@ -411,10 +392,8 @@ def _expect_linear(module, attr, name, d_in, d_out, bias, hint):
     if not isinstance(layer, nn.Linear):
         fail(f"{name} has no nn.Linear called {attr}: {hint}")
     if tuple(layer.weight.shape) != (d_out, d_in):
-        fail(
-            f"{name}.{attr}.weight has shape {fmt(layer.weight.shape)}, expected "
-            f"{fmt((d_out, d_in))}: {hint}"
-        )
+        fail(f"{name}.{attr}.weight has shape {fmt(layer.weight.shape)}, expected "
+             f"{fmt((d_out, d_in))}: {hint}")
     if (layer.bias is not None) != bias:
         has = "has" if layer.bias is not None else "has no"
         fail(f"{name}.{attr} {has} bias although bias={bias}: pass bias=bias to nn.Linear.")
@@ -429,14 +408,10 @@ def _expect_value_error(cls, name, d_model, num_heads):
     except NotImplementedError:
         raise
     except Exception as error:  # noqa: BLE001 - any other exception is the wrong one
-        fail(
-            f"{name}({d_model}, {num_heads}) raised {type(error).__name__}; d_model not "
-            "divisible by num_heads should raise ValueError with a clear sentence."
-        )
-    fail(
-        f"{name}({d_model}, {num_heads}) built a module although {d_model} is not divisible "
-        f"by {num_heads}: raise ValueError, since every head needs d_model // num_heads features."
-    )
+        fail(f"{name}({d_model}, {num_heads}) raised {type(error).__name__}; d_model not "
+             "divisible by num_heads should raise ValueError with a clear sentence.")
+    fail(f"{name}({d_model}, {num_heads}) built a module although {d_model} is not divisible "
+         f"by {num_heads}: raise ValueError, since every head needs d_model // num_heads features.")
 
 
 def _training_mode(module, args, ref_out, ref_w, what):
@@ -450,27 +425,20 @@ def _training_mode(module, args, ref_out, ref_w, what):
     if isinstance(weights, torch.Tensor) and weights.shape == ref_w.shape:
         sums = weights.detach().double().sum(-1)
         if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
-            fail(
-                "In training mode (module.train()) the rows of self.attention_weights do not "
-                "sum to 1: the weights were stored after a dropout. Store them after the "
-                "softmax and before any dropout (and this exercise asks for no dropout)."
-            )
+            fail("In training mode (module.train()) the rows of self.attention_weights do not "
+                 "sum to 1: the weights were stored after a dropout. Store them after the "
+                 "softmax and before any dropout (and this exercise asks for no dropout).")
     if not _close(output, ref_out.detach().double()):
-        fail(
-            "Your module is right in eval mode but its output differs in training mode "
-            "(module.train()): is there a dropout, on the attention weights or elsewhere? "
-            "This exercise has no dropout, so both modes compute the same function."
-        )
+        fail("Your module is right in eval mode but its output differs in training mode "
+             "(module.train()): is there a dropout, on the attention weights or elsewhere? "
+             "This exercise has no dropout, so both modes compute the same function.")
 
 
 _FROM_SCRATCH = (
-    "your module calls a ready-made attention function (the book's "
-    "scaled_dot_product_attention or PyTorch's F.scaled_dot_product_attention): this "
-    "exercise asks you to write the attention step yourself (scores, scale, mask, softmax, "
-    "weighted sum)."
+    "your module calls a ready-made attention function (the book's scaled_dot_product_attention or "
+    "PyTorch's F.scaled_dot_product_attention): this exercise asks you to write the attention step "
+    "yourself (scores, scale, mask, softmax, weighted sum)."
 )
-
-
 
 
 # -------------------------------------------------------- exercise 3.2: fused projection
@@ -570,7 +538,7 @@ def _fused_case(cls, batch, length, d_model, num_heads, bias, mask_kind, generat
     with refused([cls], attention_functions(), _FROM_SCRATCH):
         output = call(ours, *args, what=what)
     expect_shape(output, (batch, length, d_model), f"The output of {what}")
-    _diagnose_module(output, ours, _FUSED, _with_weights_of(ours, args, d_model, num_heads, bias),
+    _diagnose_module(output, ours, _FUSED, _twin(ours, args, d_model, num_heads, bias),
                      (ref_out.detach().double(), ref_w.detach().double()),
                      f"The output of {what} differs from nn.MultiheadAttention with the same "
                      "weights. Check the order: project, cut into q, k, v, split heads, scaled "
@@ -698,8 +666,8 @@ def _mqa_case(cls, batch, lq, lk, d_model, num_heads, bias, mask_kind, generator
     if _close(output, reference[0]):
         _training_mode(ours, (query, key, value, mask), ref_out, ref_w, what)
     args = (query, key, value, mask)
-    _diagnose_module(output, ours, _MQA_TABLE, _with_weights_of(ours, args, d_model, num_heads,
-                                                                bias), reference,
+    _diagnose_module(output, ours, _MQA_TABLE, _twin(ours, args, d_model, num_heads, bias),
+                     reference,
                      f"The output of {what} differs from multi-head attention whose heads all "
                      "use your w_k and w_v. Check: queries split into heads, one key and one "
                      "value head broadcast over the query heads, scale 1/sqrt(d_head), merge, "
@@ -726,8 +694,6 @@ def _inputs_from_query(module, query, generator):
         ):
             changed = run(*args)
             if isinstance(changed, torch.Tensor) and torch.equal(changed, base):
-                fail(
-                    f"Your module crashed when key and value are longer than query (Lq != Lk), "
-                    f"and its output does not depend on `{name}`: the {name}s are computed from "
-                    f"`query`. Project `key` with w_k and `value` with w_v."
-                )
+                fail(f"Your module crashed when key and value are longer than query (Lq != Lk), "
+                     f"and its output does not depend on `{name}`: the {name}s are computed from "
+                     f"`query`. Project `key` with w_k and `value` with w_v.")

@@ -399,15 +399,13 @@ def _check_no_hidden_nan(masked_softmax, scores, mask, upstream, where: str) -> 
                 if "nan" not in str(error).lower():
                     raise
                 found = str(error).split(".")[0]
-                fail(
-                    f"your weights and their gradient (for {where}) come out finite, but "
-                    "the backward pass goes through NaN on the way (under "
-                    f"torch.autograd.set_detect_anomaly(True): {found}). A softmax over a "
-                    "row of -inf is NaN, its backward is NaN too, and a later masked_fill "
-                    "or torch.where only happens to throw that NaN away. Fill the blocked "
-                    "scores with a finite value, torch.finfo(scores.dtype).min, as the "
-                    "chapter does, then zero the blocked positions after the softmax."
-                )
+                fail(f"your weights and their gradient (for {where}) come out finite, but "
+                     "the backward pass goes through NaN on the way (under "
+                     f"torch.autograd.set_detect_anomaly(True): {found}). A softmax over a "
+                     "row of -inf is NaN, its backward is NaN too, and a later masked_fill "
+                     "or torch.where only happens to throw that NaN away. Fill the blocked "
+                     "scores with a finite value, torch.finfo(scores.dtype).min, as the "
+                     "chapter does, then zero the blocked positions after the softmax.")
 
 
 def _masked_softmax_forward(got, scores, mask, where: str, atol: float) -> None:

@@ -25,6 +25,7 @@ from ._core import (
     fail,
     name_mistake,
     same,
+    with_weights_of,
 )
 
 # (d_model, hidden, input shape): several leading shapes, d_model not a power of two.
@@ -131,16 +132,9 @@ _BLOCK_CAUGHT = [
 ]
 
 
-def _with_weights_of(block, x):
-    """``run`` for a mistake class: built at the block's sizes with the block's weights."""
-
-    def run(wrong_class):
-        twin = wrong_class(block.fc1.in_features, block.fc1.out_features).to(x.dtype)
-        twin.load_state_dict(block.state_dict(), strict=False)
-        with torch.no_grad():
-            return twin(x)
-
-    return run
+def _twin(block, x):
+    return with_weights_of(block, x, build=lambda c: c(block.fc1.in_features,
+                                                       block.fc1.out_features).to(x.dtype))
 
 
 def _block_layers(block, d_model: int, hidden: int, where: str):
@@ -148,10 +142,9 @@ def _block_layers(block, d_model: int, hidden: int, where: str):
     fc1, fc2 = (getattr(block, name, None) for name in ("fc1", "fc2"))
     for name, layer in [("fc1", fc1), ("fc2", fc2)]:
         if not isinstance(layer, nn.Module):
-            fail(f"{where} has no submodule `{name}`: create "
-                 "`self.fc1 = nn.Linear(d_model, hidden)` and "
-                 "`self.fc2 = nn.Linear(hidden, d_model)` in __init__ (the check looks the "
-                 "layers up by these names).")
+            fail(f"{where} has no submodule `{name}`: create `self.fc1 = nn.Linear(d_model, "
+                 "hidden)` and `self.fc2 = nn.Linear(hidden, d_model)` in __init__ (the check "
+                 "looks the layers up by these names).")
     for name, layer, n_in, n_out in [("fc1", fc1, d_model, hidden), ("fc2", fc2, hidden, d_model)]:
         if not isinstance(layer, nn.Linear):
             fail(f"{where}: `{name}` should be an nn.Linear, but it is a {type(layer).__name__}.")
@@ -188,10 +181,10 @@ def _check_block_output(block, x, d_model: int, hidden: int, where: str) -> None
         fail(f"{where}'s forward changed its input in place (e.g. `x += ...`): the caller's "
              "tensor is overwritten. Return a new tensor, `x + branch`.")
     expect_shape(out, x.shape, f"{where}'s output for an input of shape {tuple(x.shape)}")
-    right = _with_weights_of(block, x)(_Block)
+    right = _twin(block, x)(_Block)
     if same(out, right):
         return
-    name_mistake(out, _BLOCK, run=_with_weights_of(block, x), prefix=f"{where}: ")
+    name_mistake(out, _BLOCK, run=_twin(block, x), prefix=f"{where}: ")
     worst = (out.detach().to(right.dtype) - right).abs().max().item()
     fail(f"{where}'s output differs from x + fc2(relu(fc1(x))) computed with its own layers "
          f"(d_model={d_model}, hidden={hidden}, input {tuple(x.shape)}; largest difference "
@@ -215,48 +208,33 @@ def _check_initialization(block_class) -> None:
     fc1, fc2 = _block_layers(block, _INIT_D, _INIT_H, where)
     w1 = fc1.weight.detach().double()
     if (w1 == 0).all():
-        fail(
-            f"{where}: fc1's weight is all zeros. With fc2 at zero too, the block is stuck: "
-            "fc2's gradient is relu(fc1(x)) = 0 and fc1's gradient passes through fc2 = 0, "
-            "so nothing ever learns. Only fc2 starts at zero; fc1 gets Kaiming's init."
-        )
+        fail(f"{where}: fc1's weight is all zeros. With fc2 at zero too, the block is stuck: "
+             "fc2's gradient is relu(fc1(x)) = 0 and fc1's gradient passes through fc2 = 0, "
+             "so nothing ever learns. Only fc2 starts at zero; fc1 gets Kaiming's init.")
     if (fc2.weight != 0).any():
-        fail(
-            f"{where}: fc2's weight is not zero, so the block does not start as the "
-            "identity. Set it to zero in __init__ (nn.init.zeros_(self.fc2.weight)), and "
-            "fc2's bias too."
-        )
+        fail(f"{where}: fc2's weight is not zero, so the block does not start as the identity. Set "
+             "it to zero in __init__ (nn.init.zeros_(self.fc2.weight)), and fc2's bias too.")
     if (fc2.bias != 0).any():
-        fail(
-            f"{where}: fc2's weight is zero but its bias is not, so the block adds a "
-            "constant to every input instead of starting as the identity: "
-            "nn.init.zeros_(self.fc2.bias)."
-        )
+        fail(f"{where}: fc2's weight is zero but its bias is not, so the block adds a constant to "
+             "every input instead of starting as the identity: nn.init.zeros_(self.fc2.bias).")
     std = w1.std().item()  # (before fc1's bias: a forgotten init leaves both, name the init)
     closest = min(_INIT_STDS, key=lambda name: abs(_INIT_STDS[name] - std))
     if abs(std - _INIT_STDS["kaiming"]) < 0.05 * _INIT_STDS["kaiming"]:
         if (fc1.bias != 0).any():
-            fail(
-                f"{where}: fc1's bias is not zero. The variance-preserving initialization of "
-                "the chapter sets the biases to zero: nn.init.zeros_(self.fc1.bias)."
-            )
+            fail(f"{where}: fc1's bias is not zero. The variance-preserving initialization of "
+                 "the chapter sets the biases to zero: nn.init.zeros_(self.fc1.bias).")
         return
     hints = {
-        "lecun": "variance 1 / fan_in (LeCun's init, or kaiming with nonlinearity='linear'): "
-        "the layer before a ReLU needs 2 / fan_in, since the ReLU keeps about half of the "
-        "mean square.",
+        "lecun": "variance 1 / fan_in (LeCun's init, or kaiming with nonlinearity='linear'): the "
+        "layer before a ReLU needs 2 / fan_in, since the ReLU keeps about half of the mean square.",
         "fan_out": "variance 2 / hidden: kaiming with mode='fan_out' counts the outputs; "
         "the forward signal needs fan_in = d_model (the default mode).",
-        "default": "PyTorch's default nn.Linear init (variance 1 / (3 fan_in)), which shrinks "
-        "the signal: initialize fc1.weight with nn.init.kaiming_normal_(..., "
-        "nonlinearity='relu').",
+        "default": "PyTorch's default nn.Linear init (variance 1 / (3 fan_in)), which shrinks the "
+        "signal: initialize fc1.weight with nn.init.kaiming_normal_(..., nonlinearity='relu').",
     }
-    fail(
-        f"{where}: fc1's weight has standard deviation {std:.4f}, expected "
-        f"sqrt(2 / d_model) = {_INIT_STDS['kaiming']:.4f} (Kaiming for the layer before "
-        "the ReLU). "
-        + (f"It looks like {hints[closest]}" if closest in hints else "")
-    )
+    fail(f"{where}: fc1's weight has standard deviation {std:.4f}, expected sqrt(2 / d_model) = "
+         f"{_INIT_STDS['kaiming']:.4f} (Kaiming for the layer before the ReLU). "
+         + (f"It looks like {hints[closest]}" if closest in hints else ""))
 
 
 def _check_fresh_block(block, x, where: str) -> None:
@@ -265,7 +243,7 @@ def _check_fresh_block(block, x, where: str) -> None:
     expect_shape(y, x.shape, f"{where}'s output for an input of shape {tuple(x.shape)}")
     fc2_zero = (block.fc2.weight == 0).all() and (block.fc2.bias == 0).all()
     if fc2_zero and not same(y, x, atol=0, rtol=0):
-        name_mistake(y, _BLOCK, run=_with_weights_of(block, x), prefix=f"a fresh {where}: ")
+        name_mistake(y, _BLOCK, run=_twin(block, x), prefix=f"a fresh {where}: ")
         fail(f"a fresh {where}, whose fc2 is zero, does not return its input: a residual block "
              "whose branch outputs 0 must be the identity, y = x + 0.")
 
@@ -439,8 +417,7 @@ def check_residual_mlp(model_class):
         if not same(out, x, atol=1e-6, rtol=0):
             if same(out, x * 2.0**depth):
                 fail(f"{where} with every fc2 at zero returns 2**depth * x: the skip is added "
-                     "twice (h = h + block(h) around blocks that already add x). Use "
-                     "h = block(h).")
+                     "twice (h = h + block(h) around blocks that already add x). Use h = block(h).")
             fail(f"{where} with every fc2 at zero does not return its input: a stack of "
                  "residual blocks whose sublayers output 0 must be the identity.")
 
@@ -451,14 +428,12 @@ def check_residual_mlp(model_class):
 def _probe_models():
     """(layers, loss function, input shape, dtype) for the cases the probe is tried on."""
     torch.manual_seed(0)
-    mlp = nn.Sequential(
-        nn.Linear(5, 7),
-        nn.ReLU(),
-        nn.Linear(7, 7, bias=False),
-        nn.Tanh(),
-        nn.Linear(7, 4),
-        nn.Linear(4, 3),
-    )
+    mlp = nn.Sequential(nn.Linear(5, 7),
+                        nn.ReLU(),
+                        nn.Linear(7, 7, bias=False),
+                        nn.Tanh(),
+                        nn.Linear(7, 4),
+                        nn.Linear(4, 3))
 
     def mlp_loss(x):
         return (mlp(x) ** 2).mean()
@@ -493,26 +468,22 @@ def _stale_gradients(layers, seed: int) -> None:
             p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype)
 
 
-def _per_layer(layers, values, sum_of_norms: bool = False) -> torch.Tensor:
-    """One number per layer from ``values`` (a tensor or None per parameter, in order).
-
-    By default the norm of all the layer's values together, sqrt(sum of squares); with
-    ``sum_of_norms`` the sum of the separate norms (a usual mistake).
-    """
+def _per_layer(layers, values) -> torch.Tensor:
+    """The norm of each layer's ``values`` (a tensor or None per parameter, in order) together,
+    sqrt(sum of squares), in float64."""
     norms, i = [], 0
     for layer in layers:
         total = torch.zeros((), dtype=torch.float64)
         for _ in layer.parameters():
             if values[i] is not None:
-                value = values[i].detach().double()
-                total = total + (value.norm() if sum_of_norms else value.pow(2).sum())
+                total = total + values[i].detach().double().pow(2).sum()
             i += 1
-        norms.append(total if sum_of_norms else total.sqrt())
+        norms.append(total.sqrt())
     return torch.stack(norms)
 
 
 def _norms(layers, values):
-    """Test helper for the wrong probes below: one norm per layer of ``values(p)``."""
+    """For the wrong probes below: one norm per layer of ``values(p)``."""
     out = []
     for layer in layers:
         squares = [values(p).pow(2).sum() for p in layer.parameters() if values(p) is not None]
@@ -548,62 +519,37 @@ def _sum_of_norms(layers, loss):
     return torch.stack([v.float() for v in out])
 
 
-def _probe_mistake(message: str, candidate: str, wrong, **more) -> Mistake:
-    """Named when the result equals ``candidate``, computed by the check from the gradients."""
-    return Mistake(message, wrong, symptom=lambda out, found: same(out, found[candidate]), **more)
+def _fresh(values, order: int = 1):
+    """A probe that zeroes the gradients, runs backward, and takes the norms of ``values``."""
+    return lambda layers, loss: _norms(_fresh_backward(layers, loss)[::order], values)
 
 
 _PROBE = [
-    _probe_mistake("the result includes gradients left in .grad by an earlier backward pass: "
-                   "backward() adds to .grad, it does not overwrite it. Zero the gradients "
-                   "before loss.backward() (or use torch.autograd.grad, which leaves .grad "
-                   "alone).", "accumulated", _no_zero_grad, when=lambda found: found["stale"]),
-    _probe_mistake("every norm is 0: the gradients were cleared after backward and before they "
-                   "were read (zero_grad in the wrong place), or never computed.", "zeros",
-                   _zero_grad_after_backward),
-    _probe_mistake("these are the norms of the layers' weights, not of their gradients: use "
-                   "p.grad (after loss.backward()) or torch.autograd.grad(loss, params).",
-                   "weights", lambda layers, loss: _norms(layers, lambda p: p.detach())),
-    _probe_mistake("the norms are in reverse order: entry i belongs to layers[i], the first "
-                   "layer first, even though backpropagation visits the layers from the last "
-                   "one.", "reversed",
-                   lambda layers, loss: _norms(_fresh_backward(layers, loss)[::-1],
-                                               lambda p: p.grad)),
-    _probe_mistake("only the weight matrices are counted: include every parameter of the layer, "
-                   "biases and norm gains too.", "weights only",
-                   lambda layers, loss: _norms(_fresh_backward(layers, loss),
-                                               lambda p: p.grad if p.dim() > 1 else None)),
-    _probe_mistake("these are squared norms: take the square root of the sum of squares.",
-                   "squared", lambda layers, loss: _norms(_fresh_backward(layers, loss),
-                                                          lambda p: p.grad) ** 2),
-    _probe_mistake("you added up the norms of a layer's parameters; the norm of the layer's "
-                   "gradient is sqrt(sum over parameters of (grad ** 2).sum()), not a sum of "
-                   "norms.", "summed", _sum_of_norms),
-    Caught(lambda layers, loss: torch.stack([p.grad.norm().float() for layer in
-                                             _fresh_backward(layers, loss)
-                                             for p in layer.parameters()]),
-           "one per parameter tensor"),
-    Caught(lambda layers, loss: torch.stack([torch.stack([p.grad.norm() for p in
-                                                          layer.parameters()]).norm()
-                                             for layer in _fresh_backward(layers, loss)]),
-           "raised"),  # a layer the loss never uses has no .grad
+    Mistake("the result includes gradients left in .grad by an earlier backward pass: "
+            "backward() adds to .grad, it does not overwrite it. Zero the gradients before "
+            "loss.backward() (or use torch.autograd.grad, which leaves .grad alone).",
+            _no_zero_grad, when=lambda stale: stale),
+    Mistake("every norm is 0: the gradients were cleared after backward and before they were "
+            "read (zero_grad in the wrong place), or never computed.", _zero_grad_after_backward),
+    Mistake("these are the norms of the layers' weights, not of their gradients: use p.grad "
+            "(after loss.backward()) or torch.autograd.grad(loss, params).",
+            lambda layers, loss: _norms(layers, lambda p: p.detach())),
+    Mistake("the norms are in reverse order: entry i belongs to layers[i], the first layer "
+            "first, even though backpropagation visits the layers from the last one.",
+            _fresh(lambda p: p.grad, order=-1)),
+    Mistake("only the weight matrices are counted: include every parameter of the layer, "
+            "biases and norm gains too.", _fresh(lambda p: p.grad if p.dim() > 1 else None)),
+    Mistake("these are squared norms: take the square root of the sum of squares.",
+            lambda layers, loss: _fresh(lambda p: p.grad)(layers, loss) ** 2),
+    Mistake("you added up the norms of a layer's parameters; the norm of the layer's gradient is "
+            "sqrt(sum over parameters of (grad ** 2).sum()), not a sum of norms.", _sum_of_norms),
+    Caught(lambda layers, loss: torch.stack([
+        p.grad.norm().float() for layer in _fresh_backward(layers, loss)
+        for p in layer.parameters()]), "one per parameter tensor"),
+    Caught(lambda layers, loss: torch.stack([  # a layer the loss never uses has no .grad
+        torch.stack([p.grad.norm() for p in layer.parameters()]).norm()
+        for layer in _fresh_backward(layers, loss)]), "raised"),
 ]
-
-
-def _probe_candidates(layers, params, grads, old, right, stale: bool) -> dict:
-    """What each mistake of the table returns on this case."""
-    return {
-        "stale": stale,
-        "accumulated": _per_layer(layers, [o if g is None else (g if o is None else g + o)
-                                           for g, o in zip(grads, old)]),
-        "zeros": torch.zeros_like(right),
-        "weights": _per_layer(layers, list(params)),
-        "reversed": right.flip(0),
-        "weights only": _per_layer(layers, [g if p.dim() > 1 else None
-                                            for p, g in zip(params, grads)]),
-        "squared": right.pow(2),
-        "summed": _per_layer(layers, grads, sum_of_norms=True),
-    }
 
 
 def _probe_case(gradient_norms, layers, loss_fn, x, stale: bool, case: int) -> None:
@@ -632,7 +578,13 @@ def _probe_case(gradient_norms, layers, loss_fn, x, stale: bool, case: int) -> N
              "parameters the loss does not use, should get 0.")
     if same(out, right, atol=1e-6, rtol=1e-4):
         return
-    name_mistake(out, _PROBE, _probe_candidates(layers, params, grads, old, right, stale))
+    def replay(wrong):  # the wrong probe on the same model, with the same gradients left over
+        for param, grad in zip(params, old):
+            param.grad = None if grad is None else grad.clone()
+        with torch.enable_grad():  # (name_mistake runs it under no_grad)
+            return wrong(layers, loss_fn(x))
+
+    name_mistake(out, _PROBE, stale, run=replay)
     worst = (out.detach().double() - right).abs().max().item()
     fail("gradient_norms differs from the norm of dloss/dparameters per layer "
          f"(case {case + 1}, largest difference {worst:.3g}).")

@@ -30,13 +30,12 @@ from ._core import (
     expect_shape,
     expect_unchanged,
     fail,
-    forbidden,
     name_mistake,
     randn,
+    refused,
     same,
+    with_weights_of,
 )
-
-_randn = randn
 
 # --------------------------------------------------------------------------- shared helpers
 
@@ -54,11 +53,9 @@ def _normalize(x, dims, eps, correction=0, eps_outside=False, center=True):
 def _param(module, name: str, shape, init: float, cls_name: str):
     value = getattr(module, name, None)
     if not isinstance(value, nn.Parameter):
-        fail(
-            f"{cls_name} has no parameter `{name}`: create it in __init__ as "
-            f"self.{name} = nn.Parameter(torch.{'ones' if init == 1 else 'zeros'}({shape[0]})), "
-            "so that it is trained and saved in the state_dict."
-        )
+        fail(f"{cls_name} has no parameter `{name}`: create it in __init__ as "
+             f"self.{name} = nn.Parameter(torch.{'ones' if init == 1 else 'zeros'}({shape[0]})), "
+             "so that it is trained and saved in the state_dict.")
     if tuple(value.shape) != tuple(shape):
         fail(f"{cls_name}.{name} has shape {tuple(value.shape)}, expected {tuple(shape)} (one value per feature).")
     if not torch.equal(value.detach(), torch.full(tuple(shape), float(init), dtype=value.dtype)):
@@ -83,34 +80,27 @@ def _grads(fn, inputs, upstream, what: str):
 
 def _expect_graph(out, what: str) -> None:
     if not (isinstance(out, torch.Tensor) and out.requires_grad):
-        fail(
-            f"{what}: the output does not require grad although its inputs do: the computation "
-            "is cut off from autograd (torch.no_grad(), .detach(), .data, .item() or numpy)."
-        )
+        fail(f"{what}: the output does not require grad although its inputs do: the computation "
+             "is cut off from autograd (torch.no_grad(), .detach(), .data, .item() or numpy).")
 
 
 def _compare_grads(mine, theirs, names, what: str) -> None:
     for name, a, b in zip(names, mine, theirs):
         if a is None:
-            fail(
-                f"{what}: no gradient reaches {name}: is it detached (.detach(), .data, "
-                "torch.no_grad(), or numpy) on the way to the output?"
-            )
+            fail(f"{what}: no gradient reaches {name}: is it detached (.detach(), .data, "
+                 "torch.no_grad(), or numpy) on the way to the output?")
         if not same(a, b, atol=1e-4, rtol=1e-3):
-            fail(
-                f"{what}: the outputs match but the gradient with respect to {name} does not "
-                f"(largest difference {(a - b).abs().max().item():.3g}): is part of the "
-                "computation detached (.detach(), .data, .item()) or done in place?"
-            )
+            fail(f"{what}: the outputs match but the gradient with respect to {name} does not "
+                 f"(largest difference {(a - b).abs().max().item():.3g}): is part of the "
+                 "computation detached (.detach(), .data, .item()) or done in place?")
 
 
 def _float32_only(y, expected, in_float32) -> None:
     """A float64 result that is right only to float32 precision: named."""
     if not same(y, expected, atol=1e-10, rtol=1e-8) and same(y, in_float32, atol=1e-6, rtol=1e-5):
         fail("for a float64 input your output has only float32 precision (it differs from the "
-             f"float64 result by {(y - expected).abs().max().item():.1e}): part of it is "
-             "computed in float32 (x.float(), a float32 constant or tensor). Compute in the "
-             "input's dtype.")
+             f"float64 result by {(y - expected).abs().max().item():.1e}): part of it is computed "
+             "in float32 (x.float(), a float32 constant or tensor). Compute in the input's dtype.")
 
 
 # --------------------------------------------------------------------------- exercise 6.1
@@ -229,11 +219,9 @@ def _call_layer_norm(layer_norm, x, normalized_shape, weight=None, bias=None, ep
         kwargs["eps"] = eps
     args = ", ".join(["x", str(tuple(normalized_shape))] + [f"{k}=..." for k, v in kwargs.items() if v is not None])
     before = x.detach().clone()
-    with forbidden(
-        _LAYER_NORM_BUILTINS,
-        "your layer_norm calls PyTorch's layer norm (F.layer_norm, torch.layer_norm or "
-        "nn.LayerNorm): the exercise is to write the formula yourself (mean, variance, sqrt).",
-    ):
+    with refused([layer_norm], _LAYER_NORM_BUILTINS, "your layer_norm calls PyTorch's layer "
+                 "norm (F.layer_norm, torch.layer_norm or nn.LayerNorm): the exercise is to "
+                 "write the formula yourself (mean, variance, sqrt)."):
         y = call(layer_norm, x, tuple(normalized_shape), what=f"layer_norm({args})", **kwargs)
     expect_unchanged(before, x.detach(), "x")
     return expect_shape(y, x.shape, f"layer_norm({args}) for x of shape {tuple(x.shape)}")
@@ -275,29 +263,29 @@ def check_layer_norm(layer_norm):
     """Compare ``layer_norm(x, normalized_shape, weight, bias, eps)`` with ``F.layer_norm``."""
     expect_callable(layer_norm, "your layer_norm function", "check_layer_norm(layer_norm)")
     # (x, normalized_shape, weight, bias) cases; row 1 of the first is nearly constant
-    quiet = _randn(2, 3, 5, seed=0, scale=2.0, shift=1.0)
+    quiet = randn(2, 3, 5, seed=0, scale=2.0, shift=1.0)
     quiet[0, 1] = quiet[0, 1] * 1e-3  # a token whose features barely vary
     quiet[1, 2] = 3.0  # a constant token: variance exactly 0
     cases = [
         ("a (2, 3, 5) input", quiet, (5,), None, None),
-        ("a (4, 7, 6) input with weight and bias", _randn(4, 7, 6, seed=1, scale=3.0, shift=-2.0),
-         (6,), _randn(6, seed=2), _randn(6, seed=3)),
-        ("a (2, 3, 4, 5) input with normalized_shape (4, 5)", _randn(2, 3, 4, 5, seed=4, scale=2.0),
-         (4, 5), _randn(4, 5, seed=5), _randn(4, 5, seed=6)),
-        ("a (5, 33) input", _randn(5, 33, seed=7, shift=5.0), (33,), None, None),
-        ("a single token of one feature, (3, 1)", _randn(3, 1, seed=8), (1,), None, _randn(1, seed=9)),
+        ("a (4, 7, 6) input with weight and bias", randn(4, 7, 6, seed=1, scale=3.0, shift=-2.0),
+         (6,), randn(6, seed=2), randn(6, seed=3)),
+        ("a (2, 3, 4, 5) input with normalized_shape (4, 5)", randn(2, 3, 4, 5, seed=4, scale=2.0),
+         (4, 5), randn(4, 5, seed=5), randn(4, 5, seed=6)),
+        ("a (5, 33) input", randn(5, 33, seed=7, shift=5.0), (33,), None, None),
+        ("a single token of one feature, (3, 1)", randn(3, 1, seed=8), (1,), None, randn(1, seed=9)),
     ]
     for case in cases:
         _layer_norm_case(layer_norm, *case)
     # the eps argument is used
-    x = _randn(3, 8, seed=10, scale=0.05)  # variance 0.0025: eps = 1e-2 matters
+    x = randn(3, 8, seed=10, scale=0.05)  # variance 0.0025: eps = 1e-2 matters
     y = _call_layer_norm(layer_norm, x, (8,), eps=1e-2)
     expected = _reference_layer_norm(x, (8,), eps=1e-2)
     if not same(y, expected):
         name_mistake(y, _EPS, x, (8,), None, None, 1e-2)
         expect_close(y, expected, "layer_norm(x, (8,), eps=1e-2) differs from F.layer_norm")
     # float64 stays float64 and precise
-    x = _randn(2, 4, 10, seed=11, dtype=torch.float64)
+    x = randn(2, 4, 10, seed=11, dtype=torch.float64)
     y = _call_layer_norm(layer_norm, x, (10,))
     expect_dtype(y, torch.float64, f"for a float64 input your output is {y.dtype}: keep the "
                  "input's dtype (no .float()).")
@@ -305,10 +293,10 @@ def check_layer_norm(layer_norm):
     _float32_only(y, expected, _reference_layer_norm(x.float(), (10,)).double())
     expect_close(y, expected, "layer_norm differs from F.layer_norm in float64", atol=1e-10, rtol=1e-8)
     # gradients with respect to x, weight and bias
-    x = _randn(3, 5, 6, seed=12, scale=2.0).requires_grad_()
-    weight = _randn(6, seed=13).requires_grad_()
-    bias = _randn(6, seed=14).requires_grad_()
-    upstream = _randn(3, 5, 6, seed=15)
+    x = randn(3, 5, 6, seed=12, scale=2.0).requires_grad_()
+    weight = randn(6, seed=13).requires_grad_()
+    bias = randn(6, seed=14).requires_grad_()
+    upstream = randn(3, 5, 6, seed=15)
     mine = _grads(lambda: _call_layer_norm(layer_norm, x, (6,), weight, bias), (x, weight, bias), upstream, "layer_norm")
     theirs = _grads(lambda: _reference_layer_norm(x, (6,), weight, bias), (x, weight, bias), upstream, "F.layer_norm")
     _compare_grads(mine, theirs, ["x", "weight", "bias"], "layer_norm")
@@ -329,13 +317,6 @@ def _bn_dims(x: torch.Tensor):
 
 def _bn_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1) if x.dim() == 2 else v.view(1, -1, 1)
-
-
-def _bn_apply(x, mean, var, weight, bias, eps):
-    x = x.double()
-    return (x - _bn_view(mean.double(), x)) / torch.sqrt(_bn_view(var.double(), x) + eps) * _bn_view(
-        weight.double(), x
-    ) + _bn_view(bias.double(), x)
 
 
 class _BatchNorm(nn.Module):
@@ -450,10 +431,8 @@ _RUNNING = [  # found: the running statistics next to what each mistake would le
 def _check_running(student, reference, old_mean, old_var, x, momentum, step: str) -> None:
     mean_s, var_s = student.running_mean, student.running_var
     if mean_s.requires_grad or var_s.requires_grad:
-        fail(
-            f"after {step}, running_mean or running_var requires grad: the update is recorded by "
-            "autograd. Update them under torch.no_grad() (or from .detach()ed batch statistics)."
-        )
+        fail(f"after {step}, running_mean or running_var requires grad: the update is recorded by "
+             "autograd. Update them under torch.no_grad() (or from .detach()ed batch statistics).")
     mean_r, var_r = reference.running_mean, reference.running_var
     if same(mean_s, mean_r) and same(var_s, var_r):
         return
@@ -467,68 +446,39 @@ def _check_running(student, reference, old_mean, old_var, x, momentum, step: str
     expect_close(var_s, var_r, f"after {step}, running_var differs from nn.BatchNorm1d's")
 
 
-_TRAIN = [  # named with the batch's own statistics and the student's running ones
+_TRAIN = [  # run from the student's weights and running statistics before the step
     Mistake("in training mode your output uses the running statistics. Training mode normalizes "
             "with the batch's own mean and (biased) variance; the running averages are for eval "
             "mode (self.training tells you which).",
-            _bn_train(lambda self, x: self.normalize(x, self.running_mean, self.running_var)),
-            symptom=lambda y, f: same(y, _bn_apply(f["x"], *f["running"], f["w"], f["b"], f["eps"]))),
+            _bn_train(lambda self, x: self.normalize(x, self.running_mean, self.running_var))),
     Mistake("you normalized with the unbiased batch variance (divided by n - 1). BatchNorm "
             "normalizes a training batch with the biased variance (divided by n); only "
             "running_var stores the unbiased one.",
-            _bn_train(lambda self, x: self.normalize(x, x.mean(dim=_bn_dims(x)), x.var(dim=_bn_dims(x)))),
-            symptom=lambda y, f: same(y, _bn_apply(f["x"], f["mean"], f["unbiased"], f["w"], f["b"], f["eps"]))),
+            _bn_train(lambda self, x: self.normalize(x, x.mean(dim=_bn_dims(x)), x.var(dim=_bn_dims(x))))),
     Mistake("your output ignores weight and bias: y = weight * x_hat + bias, one weight and "
             "bias per feature.",
             _bn_train(lambda self, x: (x - _bn_view(self.batch_stats(x)[0], x)) / torch.sqrt(
-                _bn_view(self.batch_stats(x)[1], x) + self.eps)),
-            symptom=lambda y, f: same(y, _bn_apply(f["x"], f["mean"], f["biased"], torch.ones_like(f["w"]),
-                                                   torch.zeros_like(f["b"]), f["eps"]))),
+                _bn_view(self.batch_stats(x)[1], x) + self.eps))),
     Mistake("your statistics are taken over the features (dim 1), separately for each sample: "
             "that is a layer norm. BatchNorm takes them over the batch (dim 0, and dim 2 for (N, "
-            "C, L) inputs), separately for each feature.", _bn_train(_over_features),
-            symptom=lambda y, f: same(y, _over_features_of(f, 1))),
+            "C, L) inputs), separately for each feature.", _bn_train(_over_features)),
     Mistake("for an (N, C, L) input your statistics are per feature AND per position (over dim "
             "0 only). nn.BatchNorm1d averages over dims 0 and 2 together: one mean and one "
-            "variance per feature.", _bn_train(_per_position),
-            symptom=lambda y, f: f["x"].dim() == 3 and same(y, _over_features_of(f, 0))),
+            "variance per feature.", _bn_train(_per_position)),
 ]
-
-
-def _over_features_of(f, dim: int):
-    xd, eps = f["x"].detach().double(), f["eps"]
-    x_hat = (xd - xd.mean(dim=dim, keepdim=True)) / torch.sqrt(xd.var(dim=dim, keepdim=True, correction=0) + eps)
-    return x_hat * _bn_view(f["w"].double(), xd) + _bn_view(f["b"].double(), xd)
-
-
-def _check_train_output(y, x, student_running, weight, bias, eps, expected, what):
-    if same(y, expected):
-        return
-    xd = x.detach().double()
-    dims = _bn_dims(x)
-    found = dict(x=x.detach(), running=student_running, w=weight.detach(), b=bias.detach(),
-                 eps=eps, mean=xd.mean(dim=dims), biased=xd.var(dim=dims, correction=0),
-                 unbiased=xd.var(dim=dims, correction=1))
-    name_mistake(y, _TRAIN, found, prefix=f"{what}: ")
-    expect_close(y, expected, f"{what}: your output differs from nn.BatchNorm1d's")
-
-
 _EVAL = [
     Mistake("your output uses the batch's own statistics. After .eval(), BatchNorm normalizes "
             "with running_mean and running_var (check self.training); that is what makes its "
             "output independent of the batch.",
             _bn(forward=lambda self, x: self.normalize(x, *self.batch_stats(x)) if not self.training
-                else _BatchNorm.forward(self, x)),
-            symptom=lambda y, x, w, b, eps: same(y, _bn_apply(
-                x, x.double().mean(dim=_bn_dims(x)), x.double().var(dim=_bn_dims(x), correction=0), w, b, eps))),
+                else _BatchNorm.forward(self, x))),
 ]
 _EPS_BN = [
     Mistake(" and feature 1 quiet: eps is added to the standard deviation, (x - mean) / "
             "(sqrt(var) + eps). It belongs inside the root: (x - mean) / sqrt(var + eps).",
-            _bn_eps(outside=True), symptom=lambda y, xd, mean, var: same(y, (xd - mean) / (var.sqrt() + 1e-5))),
+            _bn_eps(outside=True)),
     Mistake(" and feature 1 quiet: eps is used only where the variance is 0. Add it to every "
-            "variance: (x - mean) / sqrt(var + eps).", _bn_eps(outside=False),
-            symptom=lambda y, xd, mean, var: same(y, (xd - mean) / torch.sqrt(var + 1e-5 * (var == 0)))),
+            "variance: (x - mean) / sqrt(var + eps).", _bn_eps(outside=False)),
 ]
 
 
@@ -576,7 +526,7 @@ _BATCH_NORM_CAUGHT = [
 
 def _call_bn(module, x, what):
     before = x.detach().clone()
-    with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
+    with refused([type(module)], _BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
         y = call(module, x, what=what)
     expect_unchanged(before, x.detach(), "x")
     return expect_shape(y, x.shape, f"{what} for x of shape {tuple(x.shape)}")
@@ -605,10 +555,16 @@ def _buffer(module, name: str, num_features: int, init: float):
 
 def _bn_train_step(student, reference, weight, bias, x, momentum, eps, what, args, step, stage) -> None:
     old = (student.running_mean.detach().clone(), student.running_var.detach().clone())
+    state = {name: value.detach().clone() for name, value in student.state_dict().items()}
     y = _call_bn(student, x, what)
     expected = reference(x)
-    _check_train_output(y, x, old, weight, bias, eps, expected.detach().double(), what)
-    upstream = _randn(*x.shape, seed=90 + step)
+    if not same(y, expected.detach().double()):
+        name_mistake(y, _TRAIN, prefix=f"{what}: ", run=with_weights_of(
+            student, x.detach(), state=state, training=True,
+            build=lambda c: c(weight.numel(), eps=eps, momentum=momentum)))
+        expect_close(y, expected.detach().double(), f"{what}: your output differs from "
+                     "nn.BatchNorm1d's")
+    upstream = randn(*x.shape, seed=90 + step)
     _expect_graph(y, what)
     mine = torch.autograd.grad((y * upstream).sum(), (x, weight, bias), allow_unused=True)
     theirs = torch.autograd.grad((expected * upstream).sum(), (x, reference.weight, reference.bias))
@@ -636,7 +592,8 @@ def _bn_eval(student, reference, x, new_w, new_b, eps, what, args) -> None:
             fail(f"{what}: the running statistics changed during an eval-mode forward pass: "
                  "update them only in training mode (if self.training: ...).")
         if not same(y, expected):
-            name_mistake(y, _EVAL, x, new_w, new_b, eps, prefix=f"{what}: ")
+            name_mistake(y, _EVAL, prefix=f"{what}: ", run=with_weights_of(
+                student, x, build=lambda c: c(new_w.numel(), eps=eps)))
             expect_close(y, expected, f"{what}: your output differs from nn.BatchNorm1d's")
         one = x[:1, :, :1] if x.dim() == 3 else x[:1]
         y_one = _call_bn(student, one, f"BatchNorm1d({args}) in eval mode on a batch of one")
@@ -647,14 +604,14 @@ def _bn_eval(student, reference, x, new_w, new_b, eps, what, args) -> None:
 
 def _bn_layout(BatchNorm1d, number, layout, C, kwargs, shapes, momentum, eps) -> None:  # noqa: N803
     args = ", ".join([str(C)] + [f"{k}={v}" for k, v in kwargs.items()])
-    with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
+    with refused([BatchNorm1d], _BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
         student = call(BatchNorm1d, C, what=f"BatchNorm1d({args})", **kwargs)
     reference = nn.BatchNorm1d(C, **kwargs)
     weight = _param(student, "weight", (C,), 1, "BatchNorm1d")
     bias = _param(student, "bias", (C,), 0, "BatchNorm1d")
     _buffer(student, "running_mean", C, 0)
     _buffer(student, "running_var", C, 1)
-    new_w, new_b = _randn(C, seed=20 + number, scale=0.5, shift=1.0), _randn(C, seed=30 + number)
+    new_w, new_b = randn(C, seed=20 + number, scale=0.5, shift=1.0), randn(C, seed=30 + number)
     for module_w, module_b in ((weight, bias), (reference.weight, reference.bias)):
         _set_(module_w, new_w)
         _set_(module_b, new_b)
@@ -662,7 +619,7 @@ def _bn_layout(BatchNorm1d, number, layout, C, kwargs, shapes, momentum, eps) ->
     reference.train()
     for step, shape in enumerate(shapes):  # two training steps: outputs, gradients, running stats
         feature_shift = torch.linspace(-3, 3, C).view(1, C, *([1] * (len(shape) - 2)))
-        x = (_randn(*shape, seed=40 + 10 * number + step, scale=2.0) + feature_shift).requires_grad_()
+        x = (randn(*shape, seed=40 + 10 * number + step, scale=2.0) + feature_shift).requires_grad_()
         what = f"BatchNorm1d({args}) in training mode, step {step + 1}, {layout}"
         _bn_train_step(student, reference, weight, bias, x, momentum, eps, what, args, step,
                        f"training step {step + 1} ({layout})")
@@ -670,7 +627,7 @@ def _bn_layout(BatchNorm1d, number, layout, C, kwargs, shapes, momentum, eps) ->
     student.eval()
     reference.eval()
     feature_shift = torch.linspace(-3, 3, C).view(1, C, *([1] * (len(shapes[0]) - 2)))
-    x = _randn(*shapes[0], seed=70 + number, scale=2.0) + feature_shift
+    x = randn(*shapes[0], seed=70 + number, scale=2.0) + feature_shift
     _bn_eval(student, reference, x, new_w, new_b, eps, f"BatchNorm1d({args}) in eval mode, {layout}", args)
 
 
@@ -697,10 +654,10 @@ def _check_batch_norm_eps(BatchNorm1d) -> None:  # noqa: N803 - the argument is 
     Fails only on the mistakes it recognises; anything else is left to the main checks.
     """
     what = "BatchNorm1d(3) in training mode, on a batch whose feature 0 is constant"
-    with forbidden(_BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
+    with refused([BatchNorm1d], _BATCH_NORM_BUILTINS, _BATCH_NORM_MESSAGE):
         student = call(BatchNorm1d, 3, what="BatchNorm1d(3)")
     student.train()
-    x = _randn(6, 3, seed=120, scale=2.0)
+    x = randn(6, 3, seed=120, scale=2.0)
     x[:, 0] = 1.5  # variance exactly 0
     x[:, 1] = 0.01 * x[:, 1]  # variance about 4e-4, not far above eps = 1e-5
     with torch.no_grad():
@@ -713,8 +670,8 @@ def _check_batch_norm_eps(BatchNorm1d) -> None:  # noqa: N803 - the argument is 
              "(x - mean) / sqrt(var) is 0/0: eps is missing. Normalize with "
              "(x - mean) / sqrt(var + eps), eps inside the square root.")
     if not same(y, expected):
-        xd = x.double()
-        name_mistake(y, _EPS_BN, xd, xd.mean(dim=0), xd.var(dim=0, correction=0), prefix=what)
+        name_mistake(y, _EPS_BN, prefix=what, run=with_weights_of(
+            student, x, training=True, build=lambda c: c(3)))
 
 
 # --------------------------------------------------------------------------- exercise 6.3
@@ -789,26 +746,14 @@ if hasattr(nn, "RMSNorm"):
     _RMS.append(Caught(type("RMSNorm", (nn.RMSNorm,), {}), r"subclasses torch.nn.RMSNorm"))
 
 
-def _with_weight_of(norm, x, d, eps):
-    """``run`` for a mistake class: built like the student's norm, with its weight."""
-
-    def run(wrong_class):
-        twin = wrong_class(d, eps=eps)
-        twin.load_state_dict(norm.state_dict(), strict=False)
-        with torch.no_grad():
-            return twin(x)
-
-    return run
-
-
 def _rms_case(RMSNorm, what, x, d, eps, message) -> None:  # noqa: N803
-    with forbidden(_RMS_NORM_BUILTINS, message):
+    with refused([RMSNorm], _RMS_NORM_BUILTINS, message):
         norm = call(RMSNorm, d, eps=eps, what=f"RMSNorm({d}, eps={eps})")
     weight = _param(norm, "weight", (d,), 1, "RMSNorm")
-    w = _randn(d, seed=60 + d, scale=0.5, shift=1.0)
+    w = randn(d, seed=60 + d, scale=0.5, shift=1.0)
     _set_(weight, w)
     before = x.clone()
-    with torch.no_grad(), forbidden(_RMS_NORM_BUILTINS, message):
+    with torch.no_grad(), refused([RMSNorm], _RMS_NORM_BUILTINS, message):
         y = call(norm, x, what=f"RMSNorm({d}, eps={eps})(x)")
     expect_unchanged(before, x, "x")
     y = expect_shape(y, x.shape, f"RMSNorm({d}) on {what}")
@@ -818,14 +763,14 @@ def _rms_case(RMSNorm, what, x, d, eps, message) -> None:  # noqa: N803
     if torch.isnan(y).any():
         fail(f"NaN on {what}, which holds an all-zero token: is eps missing? "
              "x / sqrt(mean(x**2) + eps) stays finite when x = 0.")
-    name_mistake(y, _RMS, x, eps, run=_with_weight_of(norm, x, d, eps), prefix=f"on {what} ")
+    name_mistake(y, _RMS, x, eps, run=with_weights_of(norm, x, build=lambda c: c(d, eps=eps)), prefix=f"on {what} ")
     expect_close(y, expected, f"RMSNorm differs from torch.nn.RMSNorm on {what}")
 
 
 def _rms_float64_and_gradients(RMSNorm) -> None:  # noqa: N803
     norm = call(RMSNorm, 10, eps=1e-6, what="RMSNorm(10, eps=1e-6)")
     weight = _param(norm, "weight", (10,), 1, "RMSNorm").data
-    x = _randn(3, 4, 10, seed=54, dtype=torch.float64)
+    x = randn(3, 4, 10, seed=54, dtype=torch.float64)
     with torch.no_grad():
         y = call(norm.double(), x, what="RMSNorm(10).double()(x)")
     expect_dtype(y, torch.float64, f"for a float64 input (and a .double() module) your output is "
@@ -835,10 +780,10 @@ def _rms_float64_and_gradients(RMSNorm) -> None:  # noqa: N803
     expect_close(y, expected, "RMSNorm differs in float64", atol=1e-10, rtol=1e-8)
     norm = call(RMSNorm, 6, eps=1e-6, what="RMSNorm(6, eps=1e-6)")
     weight = _param(norm, "weight", (6,), 1, "RMSNorm")
-    _set_(weight, _randn(6, seed=55))
-    x = _randn(2, 5, 6, seed=56, scale=2.0).requires_grad_()
+    _set_(weight, randn(6, seed=55))
+    x = randn(2, 5, 6, seed=56, scale=2.0).requires_grad_()
     w_ref = weight.detach().clone().requires_grad_()
-    upstream = _randn(2, 5, 6, seed=57)
+    upstream = randn(2, 5, 6, seed=57)
     mine = _grads(lambda: call(norm, x, what="RMSNorm(6)(x)"), (x, weight), upstream, "RMSNorm")
     theirs = _grads(lambda: _reference_rms_norm(x, w_ref, 1e-6), (x, w_ref), upstream, "reference")
     _compare_grads(mine, theirs, ["x", "weight"], "RMSNorm")
@@ -851,14 +796,14 @@ def check_rms_norm(RMSNorm):  # noqa: N803 - the argument is a class
     if hasattr(nn, "RMSNorm") and issubclass(RMSNorm, nn.RMSNorm):
         fail("your RMSNorm subclasses torch.nn.RMSNorm: write it from nn.Module yourself.")
     message = "your RMSNorm calls PyTorch's rms_norm: write the formula yourself (mean of squares, sqrt)."
-    quiet = _randn(2, 3, 8, seed=50, scale=2.0, shift=1.0)
+    quiet = randn(2, 3, 8, seed=50, scale=2.0, shift=1.0)
     quiet[0, 1] *= 1e-4  # a token of tiny magnitude: where eps matters
     quiet[1, 0] = 0.0  # an all-zero token
     cases = [
         ("a (2, 3, 8) input", quiet, 8, 1e-6),
-        ("a (5, 33) input", _randn(5, 33, seed=51, scale=3.0), 33, 1e-6),
-        ("a (4, 1) input (one feature)", _randn(4, 1, seed=52), 1, 1e-6),
-        ("a (3, 6) input with eps=1e-2", _randn(3, 6, seed=53, scale=0.05), 6, 1e-2),
+        ("a (5, 33) input", randn(5, 33, seed=51, scale=3.0), 33, 1e-6),
+        ("a (4, 1) input (one feature)", randn(4, 1, seed=52), 1, 1e-6),
+        ("a (3, 6) input with eps=1e-2", randn(3, 6, seed=53, scale=0.05), 6, 1e-2),
     ]
     for case in cases:
         _rms_case(RMSNorm, *case, message)
@@ -883,12 +828,10 @@ def _check_dropout_rescaling(ScaledAddNorm, d, x, s) -> None:  # noqa: N803
     if (((branch - 2 * sd).abs() < 1e-5) | dropped).all():
         return  # kept values scaled by 1 / (1 - p) = 2
     if (((branch - sd).abs() < 1e-5) | dropped).all():
-        fail(
-            "with dropout=0.5 in training mode, the sublayer values your dropout keeps are "
-            "not rescaled: they should be multiplied by 1 / (1 - p) = 2, so that the "
-            "expected value of dropout(s) is s and training matches evaluation, where "
-            "nothing is dropped. Use nn.Dropout, or divide the kept values by (1 - p)."
-        )
+        fail("with dropout=0.5 in training mode, the sublayer values your dropout keeps are "
+             "not rescaled: they should be multiplied by 1 / (1 - p) = 2, so that the "
+             "expected value of dropout(s) is s and training matches evaluation, where "
+             "nothing is dropped. Use nn.Dropout, or divide the kept values by (1 - p).")
 
 
 class _ScaledAddNorm(nn.Module):
@@ -963,40 +906,21 @@ if "bias" in nn.LayerNorm.__init__.__code__.co_varnames:  # torch >= 2.1
                           r"learned gain but no shift.*bias=False"))
 
 
-def _with_norm_of(block, d, alpha, x, s):
-    """``run`` for a mistake class: built like the student's block, with its norm weights."""
-
-    def run(wrong_class):
-        twin = wrong_class(d, alpha).eval()
-        twin.load_state_dict(block.state_dict(), strict=False)
-        with torch.no_grad():
-            return twin(x, s)
-
-    return run
-
-
 def _scaled_norm(block, d: int):
     """The block's `.norm`: a layer norm with a gain and a shift of d features."""
     norm = getattr(block, "norm", None)
     if isinstance(norm, nn.Module) and getattr(norm, "weight", None) is None:
-        fail(
-            "ScaledAddNorm.norm has no learned gain and shift (`weight` and `bias` are "
-            "None: nn.LayerNorm(d_model, elementwise_affine=False)?). The Add & Norm's "
-            "LayerNorm has both, gamma and beta: self.norm = LayerNorm(d_model) or "
-            "nn.LayerNorm(d_model)."
-        )
+        fail("ScaledAddNorm.norm has no learned gain and shift (`weight` and `bias` are None: "
+             "nn.LayerNorm(d_model, elementwise_affine=False)?). The Add & Norm's LayerNorm has "
+             "both, gamma and beta: self.norm = LayerNorm(d_model) or nn.LayerNorm(d_model).")
     if not (isinstance(norm, nn.Module) and isinstance(getattr(norm, "weight", None), torch.Tensor)):
-        fail(
-            "ScaledAddNorm has no layer norm at `.norm` with a `weight`: keep it there, as "
-            "AddNorm does (self.norm = LayerNorm(d_model) or nn.LayerNorm(d_model))."
-        )
+        fail("ScaledAddNorm has no layer norm at `.norm` with a `weight`: keep it there, as "
+             "AddNorm does (self.norm = LayerNorm(d_model) or nn.LayerNorm(d_model)).")
     norm_bias = getattr(norm, "bias", None)
     if norm_bias is None:
-        fail(
-            "ScaledAddNorm.norm has a learned gain but no shift (`bias` is None: "
-            "nn.LayerNorm(d_model, bias=False)?). The Add & Norm's LayerNorm has both, "
-            "gamma and beta: nn.LayerNorm(d_model) or the chapter's LayerNorm."
-        )
+        fail("ScaledAddNorm.norm has a learned gain but no shift (`bias` is None: "
+             "nn.LayerNorm(d_model, bias=False)?). The Add & Norm's LayerNorm has both, "
+             "gamma and beta: nn.LayerNorm(d_model) or the chapter's LayerNorm.")
     if tuple(norm.weight.shape) != (d,) or not isinstance(norm_bias, torch.Tensor) or tuple(norm_bias.shape) != (d,):
         fail(f"ScaledAddNorm.norm should normalize over d_model = {d} features, with weight and bias of shape ({d},).")
     return norm
@@ -1005,8 +929,8 @@ def _scaled_norm(block, d: int):
 def _scaled_dropout(ScaledAddNorm, d: int) -> None:  # noqa: N803
     """Dropout: only on the sublayer output, only in training mode, rescaled."""
     block = call(ScaledAddNorm, d, alpha=1.5, dropout=0.5, what=f"ScaledAddNorm({d}, alpha=1.5, dropout=0.5)")
-    x = _randn(4, 5, d, seed=100, scale=2.0)
-    s = _randn(4, 5, d, seed=101)
+    x = randn(4, 5, d, seed=100, scale=2.0)
+    s = randn(4, 5, d, seed=101)
     reference = F.layer_norm(1.5 * x + s, (d,), block.norm.weight.detach(), block.norm.bias.detach())
     block.eval()
     with torch.no_grad():
@@ -1022,16 +946,12 @@ def _scaled_dropout(ScaledAddNorm, d: int) -> None:  # noqa: N803
         zero = call(block, x, torch.zeros_like(s), what="ScaledAddNorm in training mode")
         first, second = call(block, x, s), call(block, x, s)
     if not same(zero, F.layer_norm(1.5 * x, (d,), block.norm.weight.detach(), block.norm.bias.detach())):
-        fail(
-            "with dropout=0.5 in training mode and a sublayer output of zeros, your output is not "
-            "norm(alpha * x): dropout reaches the residual x (or the sum). It belongs on the "
-            "sublayer output only: norm(alpha * x + dropout(sublayer_output))."
-        )
+        fail("with dropout=0.5 in training mode and a sublayer output of zeros, your output is not "
+             "norm(alpha * x): dropout reaches the residual x (or the sum). It belongs on the "
+             "sublayer output only: norm(alpha * x + dropout(sublayer_output)).")
     if torch.equal(first, second):
-        fail(
-            "with dropout=0.5 in training mode, two calls give the same output: dropout is not "
-            "applied. Apply self.dropout (an nn.Dropout) to the sublayer output."
-        )
+        fail("with dropout=0.5 in training mode, two calls give the same output: dropout is not "
+             "applied. Apply self.dropout (an nn.Dropout) to the sublayer output.")
 
     _check_dropout_rescaling(ScaledAddNorm, d, x, s)
 
@@ -1044,26 +964,27 @@ def check_scaled_add_norm(ScaledAddNorm):  # noqa: N803 - the argument is a clas
     for number, (alpha, shape) in enumerate([(2.0, (2, 5, d)), (1.0, (3, d)), (0.5, (1, 1, d))]):
         block = call(ScaledAddNorm, d, alpha=alpha, what=f"ScaledAddNorm({d}, alpha={alpha})")
         norm = _scaled_norm(block, d)
-        w, b = _randn(d, seed=80 + number, scale=0.5, shift=1.0), _randn(d, seed=85 + number)
+        w, b = randn(d, seed=80 + number, scale=0.5, shift=1.0), randn(d, seed=85 + number)
         _set_(norm.weight, w)
         _set_(norm.bias, b)
-        x = _randn(*shape, seed=90 + number, scale=2.0, shift=0.5)
-        s = _randn(*shape, seed=95 + number, scale=0.7, shift=-1.0)
+        x = randn(*shape, seed=90 + number, scale=2.0, shift=0.5)
+        s = randn(*shape, seed=95 + number, scale=0.7, shift=-1.0)
         what = f"ScaledAddNorm({d}, alpha={alpha})(x, sublayer_output) for shape {shape}"
         with torch.no_grad():
             y = expect_shape(call(block, x, s, what=what), shape, what)
         expected = _normalize(alpha * x.double() + s.double(), (-1,), 1e-5) * w.double() + b.double()
         if not same(y, expected):
-            name_mistake(y, _SCALED, alpha, run=_with_norm_of(block, d, alpha, x, s), prefix=f"{what}: ")
+            name_mistake(y, _SCALED, alpha, prefix=f"{what}: ",
+                         run=with_weights_of(block, x, s, build=lambda c, a=alpha: c(d, a)))
             expect_close(y, expected, f"{what} differs from LayerNorm(alpha * x + sublayer_output)")
 
     _scaled_dropout(ScaledAddNorm, d)
 
     # gradients reach x, the sublayer output and the norm's parameters
     block = call(ScaledAddNorm, d, alpha=2.0, what=f"ScaledAddNorm({d}, alpha=2.0)")
-    x = _randn(2, 3, d, seed=102).requires_grad_()
-    s = _randn(2, 3, d, seed=103).requires_grad_()
-    upstream = _randn(2, 3, d, seed=104)
+    x = randn(2, 3, d, seed=102).requires_grad_()
+    s = randn(2, 3, d, seed=103).requires_grad_()
+    upstream = randn(2, 3, d, seed=104)
     mine = _grads(lambda: call(block, x, s), (x, s), upstream, "ScaledAddNorm")
     theirs = _grads(lambda: F.layer_norm(2.0 * x + s, (d,)), (x, s), upstream, "reference")
     _compare_grads(mine, theirs, ["x", "sublayer_output"], "ScaledAddNorm")

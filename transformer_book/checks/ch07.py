@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +38,11 @@ from ._core import (
     randn,
     refused,
     same,
+    with_weights_of,
 )
 
 # PyTorch's cross-entropy, kept before any patching (exercise 7.2 forbids it to the student).
 _cross_entropy = F.cross_entropy
-
-
-_randn = randn
 
 
 # ----------------------------------------------------------------------------- exercise 7.1
@@ -203,9 +202,8 @@ def check_sinusoidal_encoding(sinusoidal_encoding):
         if isinstance(failure.__cause__, ValueError):
             return
         raise
-    fail("sinusoidal_encoding(positions, 7) returned a result: an odd d_model has no cosine "
-         "column for its last sine; raise ValueError with one sentence saying d_model must "
-         "be even.")
+    fail("sinusoidal_encoding(positions, 7) returned a result: an odd d_model has no cosine column "
+         "for its last sine; raise ValueError with one sentence saying d_model must be even.")
 
 
 # ----------------------------------------------------------------------------- exercise 7.2
@@ -215,58 +213,6 @@ _CROSS_ENTROPY_MESSAGE = (
     "your function calls F.cross_entropy (or nn.CrossEntropyLoss), the reference it is "
     "compared with: write the loss yourself from log_softmax."
 )
-
-
-def _smoothed_parts(logits: torch.Tensor, target: torch.Tensor, ignore_index: int):
-    """Per real token: -log p(target), -log p of every class; and the real-token mask."""
-    vocab = logits.size(-1)
-    log_p = logits.double().reshape(-1, vocab).log_softmax(dim=-1)  # (N, V)
-    flat = target.reshape(-1)  # (N,)
-    keep = flat != ignore_index  # (N,)
-    nll = -log_p.gather(-1, flat.clamp(0, vocab - 1)[:, None])[:, 0]  # (N,)
-    return nll, -log_p, keep
-
-
-def _loss_found(logits, target, smoothing, ignore_index) -> dict:
-    """What each mistake of _LOSS returns on this case (None where it does not apply)."""
-    vocab = logits.size(-1)
-    eps = smoothing
-    nll, neg_log_p, keep = _smoothed_parts(logits, target, ignore_index)
-    keep_f = keep.double()
-    uniform = neg_log_p.mean(dim=-1)  # (N,) mean over the V classes
-    right = (1 - eps) * nll + eps * uniform  # (N,) torch's per-token loss
-    others = (neg_log_p.sum(dim=-1) - nll) / (vocab - 1)  # mean over the V-1 other classes
-
-    def mean_real(per_token):
-        return (per_token * keep_f).sum() / keep_f.sum()
-
-    found = {
-        "pads in the mean": (right * keep_f).sum() / keep.numel(),
-        "no smoothing": mean_real(nll),
-        "V-1": mean_real((1 - eps) * nll + eps * others),
-        "no uniform term": mean_real((1 - eps) * nll),
-        "target not scaled": mean_real(nll + eps * uniform),
-        "sum over classes": mean_real((1 - eps) * nll + eps * neg_log_p.sum(dim=-1)),
-        "sum reduction": (right * keep_f).sum(),
-    }
-    if 0 < eps:
-        q_target, q_other = 1 - eps + eps / vocab, eps / vocab
-        entropy = -(q_target * math.log(q_target) + (vocab - 1) * q_other * math.log(q_other))
-        found["KL divergence"] = mean_real(right - entropy)
-    pad_class = neg_log_p[:, ignore_index] if 0 <= ignore_index < vocab else 0.0
-    found["annotated"] = mean_real((1 - eps) * nll + eps * (neg_log_p.sum(dim=-1) - nll - pad_class)
-                                   / (vocab - 2))
-    if 0 <= ignore_index < vocab:
-        found["padding not ignored"] = right.mean()
-    if target.dim() > 1:
-        found["per row"] = ((right * keep_f).view(target.shape).sum(-1)
-                            / keep_f.view(target.shape).sum(-1)).mean()
-        vocab_last = -logits.double().log_softmax(dim=1).reshape(-1, vocab)  # over the length axis
-        nll_dim1 = vocab_last.gather(-1, target.reshape(-1).clamp(0, vocab - 1)[:, None])[:, 0]
-        found["softmax over dim 1"] = mean_real((1 - eps) * nll_dim1 + eps * vocab_last.mean(-1))
-    if smoothing != 0.1:
-        found["smoothing ignored"] = mean_real((1 - 0.1) * nll + 0.1 * uniform)
-    return found
 
 
 def _loss_from(per_token, reduce="real", ignore_padding=True):
@@ -328,58 +274,54 @@ def _kept(logits, target, ignore_index, dim=-1, log_of_softmax=False):
     return log_p[keep], flat[keep]
 
 
-def _loss_mistake(message: str, name: str, wrong, **more) -> Mistake:
-    return Mistake(message, wrong, symptom=lambda loss, found: found.get(name) is not None
-                   and same(loss, found[name], atol=1e-5, rtol=1e-5), **more)
+def _loss_args(wrong):
+    """A loss with every argument given (as the check passes them to the mistakes)."""
+    return lambda logits, target, smoothing=0.1, ignore_index=-100: wrong(
+        logits, target, smoothing, ignore_index)
 
 
-_LOSS = [
-    _loss_mistake("padding is counted in the mean: you zeroed the loss at ignored positions but "
-                  "divided by all positions; divide by the number of targets that are not "
-                  "ignore_index.", "pads in the mean", _loss_from(_right_terms, reduce="all")),
-    _loss_mistake("your loss is the plain cross-entropy: the smoothing is missing (loss = (1 - "
-                  "smoothing) * (-log p[target]) + smoothing * mean over classes of (-log p)).",
-                  "no smoothing", _loss_from(lambda lp, t, e, i: _nll(lp, t))),
-    _loss_mistake("you spread the smoothing mass over the V-1 wrong classes (target gets exactly "
-                  "1 - smoothing); F.cross_entropy spreads smoothing/V over all V classes, the "
-                  "target included, so the target gets 1 - smoothing + smoothing/V.", "V-1",
-                  _loss_from(_spread_over_others)),
-    _loss_mistake("only the (1 - smoothing) * (-log p[target]) term is there: add smoothing "
-                  "times the mean over classes of -log p.", "no uniform term",
-                  _loss_from(lambda lp, t, e, i: (1 - e) * _nll(lp, t))),
-    _loss_mistake("the target term is not scaled by (1 - smoothing): loss = (1 - smoothing) * "
-                  "(-log p[target]) + smoothing * mean_c(-log p[c]).", "target not scaled",
-                  _loss_from(lambda lp, t, e, i: _nll(lp, t) - e * lp.mean(-1))),
-    _loss_mistake("the smoothing term sums -log p over the classes; it is the mean (each class "
-                  "gets smoothing/V).", "sum over classes",
-                  _loss_from(lambda lp, t, e, i: (1 - e) * _nll(lp, t) - e * lp.sum(-1))),
-    _loss_mistake("your loss is the sum over tokens: return the mean over the tokens that are "
-                  "not ignore_index (reduction='mean').", "sum reduction",
-                  _loss_from(_right_terms, reduce="sum")),
-    _loss_mistake("your loss is smaller than F.cross_entropy's by exactly the entropy of the "
-                  "smoothed target: you computed the KL divergence (nn.KLDivLoss, as in some "
-                  "tutorials), not the cross-entropy. They have the same gradient but not the "
-                  "same value.", "KL divergence", _kl_divergence),
-    _loss_mistake("you give the padding class no smoothing mass and spread it as "
-                  "smoothing/(V-2) over the others (as the Annotated Transformer does); "
-                  "F.cross_entropy spreads smoothing/V over every class, ignore_index included.",
-                  "annotated", _loss_from(_annotated_transformer)),
-    _loss_mistake("padding targets are not ignored: they are scored as a class and counted in "
-                  "the mean; leave out every position whose target is ignore_index.",
-                  "padding not ignored", _loss_from(_right_terms, reduce="all", ignore_padding=False),
-                  expect="padding targets are not ignored|padding is counted"),
-    _loss_mistake("you averaged each sequence over its tokens, then the sequences: "
-                  "F.cross_entropy averages over all real tokens at once, so a long sequence "
-                  "weighs more than a short one.", "per row", _loss_from(_right_terms, reduce="rows")),
-    _loss_mistake("the softmax runs over dim 1, the length axis: here the classes are on the "
-                  "last axis, (batch, L, V); use log_softmax(dim=-1).", "softmax over dim 1",
-                  lambda logits, target, smoothing=0.1, ignore_index=-100: _right_terms(
-                      *_kept(logits, target, ignore_index, dim=1), smoothing, ignore_index).mean()),
-    _loss_mistake(lambda found: "your loss is the one for smoothing=0.1, but smoothing="
-                  f"{found['smoothing']} was asked for: the smoothing argument is ignored.",
-                  "smoothing ignored", lambda logits, target, smoothing=0.1, ignore_index=-100:
-                  _loss_from(_right_terms)(logits, target, 0.1, ignore_index),
-                  expect="smoothing argument is ignored"),
+_LOSS = [  # run on the case in float64, in this order
+    Mistake("padding is counted in the mean: you zeroed the loss at ignored positions but "
+            "divided by all positions; divide by the number of targets that are not "
+            "ignore_index.", _loss_from(_right_terms, reduce="all")),
+    Mistake("your loss is the plain cross-entropy: the smoothing is missing (loss = (1 - "
+            "smoothing) * (-log p[target]) + smoothing * mean over classes of (-log p)).",
+            _loss_from(lambda lp, t, e, i: _nll(lp, t))),
+    Mistake("you spread the smoothing mass over the V-1 wrong classes (target gets exactly 1 - "
+            "smoothing); F.cross_entropy spreads smoothing/V over all V classes, the target "
+            "included, so the target gets 1 - smoothing + smoothing/V.",
+            _loss_from(_spread_over_others)),
+    Mistake("only the (1 - smoothing) * (-log p[target]) term is there: add smoothing times the "
+            "mean over classes of -log p.", _loss_from(lambda lp, t, e, i: (1 - e) * _nll(lp, t))),
+    Mistake("the target term is not scaled by (1 - smoothing): loss = (1 - smoothing) * (-log "
+            "p[target]) + smoothing * mean_c(-log p[c]).",
+            _loss_from(lambda lp, t, e, i: _nll(lp, t) - e * lp.mean(-1))),
+    Mistake("the smoothing term sums -log p over the classes; it is the mean (each class gets "
+            "smoothing/V).", _loss_from(lambda lp, t, e, i: (1 - e) * _nll(lp, t) - e * lp.sum(-1))),
+    Mistake("your loss is the sum over tokens: return the mean over the tokens that are not "
+            "ignore_index (reduction='mean').", _loss_from(_right_terms, reduce="sum")),
+    Mistake("your loss is smaller than F.cross_entropy's by exactly the entropy of the smoothed "
+            "target: you computed the KL divergence (nn.KLDivLoss, as in some tutorials), not "
+            "the cross-entropy. They have the same gradient but not the same value.",
+            _kl_divergence),
+    Mistake("you give the padding class no smoothing mass and spread it as smoothing/(V-2) over "
+            "the others (as the Annotated Transformer does); F.cross_entropy spreads "
+            "smoothing/V over every class, ignore_index included.",
+            _loss_from(_annotated_transformer)),
+    Mistake("padding targets are not ignored: they are scored as a class and counted in the "
+            "mean; leave out every position whose target is ignore_index.",
+            _loss_from(_right_terms, reduce="all", ignore_padding=False),
+            expect="padding targets are not ignored|padding is counted"),
+    Mistake("you averaged each sequence over its tokens, then the sequences: F.cross_entropy "
+            "averages over all real tokens at once, so a long sequence weighs more than a short "
+            "one.", _loss_from(_right_terms, reduce="rows")),
+    Mistake("the softmax runs over dim 1, the length axis: here the classes are on the last "
+            "axis, (batch, L, V); use log_softmax(dim=-1).", _loss_args(lambda *a: _right_terms(
+                *_kept(*a[:2], a[3], dim=1), a[2], a[3]).mean())),
+    Mistake(lambda logits, target, smoothing, index: "your loss is the one for smoothing=0.1, "
+            f"but smoothing={smoothing} was asked for: the smoothing argument is ignored.",
+            _loss_args(lambda logits, target, smoothing, ignore_index: _loss_from(_right_terms)(
+                logits, target, 0.1, ignore_index)), expect="smoothing argument is ignored"),
 ]
 _LOSS_CAUGHT = [
     Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: _right_terms(
@@ -447,11 +389,11 @@ def check_label_smoothed_cross_entropy(label_smoothed_cross_entropy):
     ignored = torch.tensor([0, 4, 3, 0, 1, 0, 2])  # ignore_index=-100 would never match
     cases = [
         # logits, target, smoothing, ignore_index (None: left at its default, -100)
-        (_randn(7, 5, seed=1, scale=2.0), ignored, 0.1, None),
-        (_randn(3, 6, 11, seed=2, scale=2.0), _targets((3, 6), 11, 3, 0, [6, 2, 4]), 0.2, 0),
-        (_randn(2, 5, 4, seed=4), _targets((2, 5), 4, 5, 0, [5, 1]), 0.0, 0),
-        (_randn(9, 7, seed=6, scale=3.0), torch.tensor([1, 6, 6, 2, 0, 6, 3, 4, 5]), 0.3, 6),
-        (_randn(4, 3, 6, seed=7), _targets((4, 3), 6, 8, -100, [3, 1, 2, 3]), 0.1, -100),
+        (randn(7, 5, seed=1, scale=2.0), ignored, 0.1, None),
+        (randn(3, 6, 11, seed=2, scale=2.0), _targets((3, 6), 11, 3, 0, [6, 2, 4]), 0.2, 0),
+        (randn(2, 5, 4, seed=4), _targets((2, 5), 4, 5, 0, [5, 1]), 0.0, 0),
+        (randn(9, 7, seed=6, scale=3.0), torch.tensor([1, 6, 6, 2, 0, 6, 3, 4, 5]), 0.3, 6),
+        (randn(4, 3, 6, seed=7), _targets((4, 3), 6, 8, -100, [3, 1, 2, 3]), 0.1, -100),
     ]
     for logits, target, smoothing, ignore_index in cases:
         index = -100 if ignore_index is None else ignore_index
@@ -463,13 +405,12 @@ def check_label_smoothed_cross_entropy(label_smoothed_cross_entropy):
         if not torch.isfinite(loss):
             fail(f"{label} is {loss.item()}: with ordinary logits the loss is finite; does a "
                  "position get log(0)?")
-        found = _loss_found(logits, target, smoothing, index)
-        name_mistake(loss, _LOSS, {**found, "smoothing": smoothing})
+        name_mistake(loss, _LOSS, logits.double(), target, smoothing, index, atol=1e-5, rtol=1e-5)
         expect_close(loss, expected, f"{label} differs from F.cross_entropy(..., "
                      f"label_smoothing={smoothing}, ignore_index={index})", atol=1e-5, rtol=1e-5)
 
     # large logits: log(softmax(x)) underflows to log(0) = -inf; log_softmax does not
-    logits = _randn(4, 6, seed=9, scale=200.0)
+    logits = randn(4, 6, seed=9, scale=200.0)
     target = torch.tensor([0, 1, 2, 3])
     loss, label = _call_loss(label_smoothed_cross_entropy, logits, target, 0.1, None)
     expected = _reference_loss(logits.double(), target, 0.1, -100)
@@ -481,7 +422,7 @@ def check_label_smoothed_cross_entropy(label_smoothed_cross_entropy):
                  atol=1e-3, rtol=1e-5)
 
     # float64 stays float64; the gradient matches torch's
-    logits = _randn(2, 4, 5, seed=10, dtype=torch.float64).requires_grad_()
+    logits = randn(2, 4, 5, seed=10, dtype=torch.float64).requires_grad_()
     target = _targets((2, 4), 5, 11, 0, [4, 2])
     loss, label = _call_loss(label_smoothed_cross_entropy, logits, target, 0.1, 0)
     if loss.dtype != torch.float64:
@@ -516,9 +457,6 @@ def _reference_batch(sequences, bos_id: int, eos_id: int, pad_id: int):
             for j in range(i + 1):
                 mask[b, 0, i, j] = bool(decoder_input[b, j] != pad_id)
     return decoder_input, decoder_target, mask
-
-
-_index = first_difference
 
 
 def _padded(rows, pad_id, length):
@@ -608,19 +546,70 @@ def _no_bos(sequences, bos, eos, pad):
     return full[:, :-1], full[:, 1:]
 
 
+def _first_token(token):
+    return _tokens_then(lambda i, t, b, e, p: (torch.cat([torch.full((len(i), 1), token(b, e, p)),
+                                                          i[:, 1:]], dim=1), t))
+
+
+_SHAPES = [  # the student's (input, target) of case c, by their shapes
+    Mistake(lambda c: f"the decoder input has shape {tuple(c.input.shape)} and the target "
+            f"{tuple(c.target.shape)}; they must have the same shape, (batch, L): position t of "
+            "the input is where the model predicts position t of the target.",
+            _batch(_tokens_then(lambda i, t, b, e, p: (i, t[:, :-1]))),
+            symptom=lambda _, c: c.input.shape != c.target.shape, expect="the same shape"),
+    Mistake("the decoder input equals the target, so the model is asked to copy the token it is "
+            "reading: no shift. The input is the target shifted right by one, starting with BOS: "
+            "input [BOS, y1, ..., yn], target [y1, ..., yn, EOS].",
+            _batch(_tokens_then(lambda i, t, b, e, p: (i, i.clone()))),
+            symptom=lambda _, c: torch.equal(c.input, c.target)),
+    Mistake(lambda c: f"your tensors have {c.length - 1} positions, expected {c.length}: is BOS "
+            "missing from the input (then the model never learns to predict the first token from "
+            "BOS alone), or EOS from the target? Input [BOS, y1, ..., yn], target [y1, ..., yn, "
+            "EOS], padded to the longest n + 1.", _batch(_no_bos),
+            symptom=lambda _, c: c.input.shape == (c.batch, c.length - 1), expect="is BOS missing"),
+    Mistake(lambda c: f"your tensors have {c.length + 1} positions, expected {c.length}: the input "
+            "is [BOS, y1, ..., yn] (it never contains EOS: nothing is predicted after EOS) and the "
+            "target [y1, ..., yn, EOS].", _batch(lambda *a: _with_eos_rows(*a, extra=True)),
+            symptom=lambda _, c: c.input.shape == (c.batch, c.length + 1),
+            expect="never contains EOS"),
+]
+_TOKENS = [  # the same shapes and dtype, other tokens
+    Mistake("input and target are swapped: the decoder reads [BOS, y1, ..., yn] and predicts "
+            "[y1, ..., yn, EOS].", _batch(_tokens_then(lambda i, t, b, e, p: (t, i))),
+            symptom=lambda _, c: torch.equal(c.input, c.right_target)
+            and torch.equal(c.target, c.right_input)),
+    Mistake(lambda c: f"your rows are padded with 0, but pad_id={c.pad}: pad with the pad_id "
+            "argument (torch.full(..., pad_id)).", _batch(lambda s, b, e, p: _right_tokens(s, b, e, 0)),
+            when=lambda c: c.pad != 0, symptom=lambda _, c: any(
+                torch.equal(mine, zero) for mine, zero in zip(
+                    (c.input, c.target), _reference_batch(c.sequences, c.bos, c.eos, 0))),
+            expect="padded with 0, but pad_id=1"),
+    Mistake(lambda c: f"the decoder input does not start with BOS ({c.bos}) in every row: the "
+            "first prediction is made from BOS alone.", _batch(_first_token(lambda b, e, p: e)),
+            symptom=lambda _, c: (c.input[:, 0] != c.bos).any(), expect="does not start with BOS"),
+]
+_TARGET = [  # the target differs
+    Mistake("the target starts with BOS: it must be the input shifted left by one, [y1, ..., yn, "
+            "EOS]; the model never has to predict BOS.", _batch(_tokens_then(
+                lambda i, t, b, e, p: (i, torch.cat([torch.full((len(i), 1), b), t[:, :-1]], 1)))),
+            symptom=lambda _, c: (c.target[:, 0] == c.bos).all()),
+    Mistake("a row of the target has no EOS: append EOS after y1 ... yn, so that the model learns "
+            "when to stop.", _batch(lambda s, b, e, p: (
+                _right_tokens(s, b, e, p)[0], _padded(list(s), p, max(len(r) for r in s) + 1))),
+            symptom=lambda _, c: not (c.target == c.eos).any(dim=1).all()),
+    Mistake(lambda c: f"the target is padded with -100; pad it with pad_id ({c.pad}), the "
+            "ignore_index the chapter's loss uses.",
+            _batch(_tokens_then(lambda i, t, b, e, p: (i, t.masked_fill(i == p, -100)))),
+            symptom=lambda _, c: (c.target == -100).any(), expect="padded with -100"),
+]
+_INPUT = [  # the input differs
+    Mistake("the shortest rows of your input contain EOS: the input is [BOS, y1, ..., yn] and is "
+            "padded after yn; EOS belongs to the target only.",
+            _batch(lambda *a: _with_eos_rows(*a, extra=False)), symptom=lambda _, c: torch.equal(
+                c.input, _with_eos_rows(c.sequences, c.bos, c.eos, c.pad, extra=False)[0])),
+]
 _BATCH_CAUGHT = [
-    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i, i.clone()))), "no shift"),
-    Caught(_batch(_no_bos), "is BOS\\s+missing"),
-    Caught(_batch(lambda *a: _with_eos_rows(*a, extra=False)), "contain EOS"),
-    Caught(_batch(lambda *a: _with_eos_rows(*a, extra=True)), "never contains EOS"),
-    Caught(_batch(lambda s, b, e, p: (_right_tokens(s, b, e, p)[0], _padded(list(s), p, max(len(r) for r in s) + 1))),
-           "has no EOS"),
-    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i, torch.cat([torch.full((len(i), 1), b), t[:, :-1]], dim=1)))),
-           "the target starts with BOS"),
-    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (t, i))), "input and target are swapped"),
-    Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i, t.masked_fill(i == p, -100)))), "padded with -100"),
     Caught(_batch(_tokens_then(lambda i, t, b, e, p: (i.float(), t.float()))), "must be torch.long"),
-    Caught(_batch(lambda s, b, e, p: _right_tokens(s, b, e, 0)), "padded with 0, but pad_id=1"),
     Caught(_batch(build_mask=lambda x, pad: _causal(x.size(1)).T & _real(x, pad)), "attend to later ones"),
     Caught(_batch(build_mask=lambda x, pad: _right_mask(x, pad)[:, 0]), "add the head axis"),
     Caught(_batch(build_mask=lambda x, pad: _causal(x.size(1))), "the same for every"),
@@ -629,66 +618,23 @@ _BATCH_CAUGHT = [
 ]
 
 
-def _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_target,
-                     sequences, bos_id, eos_id, pad_id, where):
-    batch, length = expected_input.shape
-    if decoder_input.shape != decoder_target.shape:
-        fail(f"{where}: the decoder input has shape {tuple(decoder_input.shape)} and the target "
-             f"{tuple(decoder_target.shape)}; they must have the same shape, (batch, L): "
-             "position t of the input is where the model predicts position t of the target.")
-    if torch.equal(decoder_input, decoder_target):
-        fail(f"{where}: the decoder input equals the target, so the model is asked to copy "
-             "the token it is reading: no shift. The input is the target shifted right by one, "
-             "starting with BOS: input [BOS, y1, ..., yn], target [y1, ..., yn, EOS].")
-    if decoder_input.shape == (batch, length - 1):
-        fail(f"{where}: your tensors have {length - 1} positions, expected {length}: is BOS "
-             "missing from the input (then the model never learns to predict the first token "
-             "from BOS alone), or EOS from the target? Input [BOS, y1, ..., yn], target "
-             "[y1, ..., yn, EOS], padded to the longest n + 1.")
-    if decoder_input.shape == (batch, length + 1):
-        fail(f"{where}: your tensors have {length + 1} positions, expected {length}: the input "
-             "is [BOS, y1, ..., yn] (it never contains EOS: nothing is predicted after EOS) and "
-             "the target [y1, ..., yn, EOS].")
-    expect_shape(decoder_input, (batch, length), f"{where}: the decoder input")
-    if decoder_input.dtype != torch.long or decoder_target.dtype != torch.long:
-        fail(f"{where}: token tensors must be torch.long (token ids index an nn.Embedding); "
-             f"yours are {decoder_input.dtype} and {decoder_target.dtype}.")
-    if torch.equal(decoder_input, expected_target) and torch.equal(decoder_target, expected_input):
-        fail(f"{where}: input and target are swapped: the decoder reads [BOS, y1, ..., yn] and "
-             "predicts [y1, ..., yn, EOS].")
-    right = torch.equal(decoder_input, expected_input) and torch.equal(decoder_target,
-                                                                       expected_target)
-    if pad_id != 0 and not right:
-        zero_input, zero_target, _ = _reference_batch(sequences, bos_id, eos_id, 0)
-        if torch.equal(decoder_input, zero_input) or torch.equal(decoder_target, zero_target):
-            fail(f"{where}: your rows are padded with 0, but pad_id={pad_id}: pad with the "
-                 "pad_id argument (torch.full(..., pad_id)).")
-    if (decoder_input[:, 0] != bos_id).any():
-        fail(f"{where}: the decoder input does not start with BOS ({bos_id}) in every row: the "
-             "first prediction is made from BOS alone.")
-    if not torch.equal(decoder_target, expected_target):
-        if (decoder_target[:, 0] == bos_id).all():
-            fail(f"{where}: the target starts with BOS: it must be the input shifted left by one, "
-                 "[y1, ..., yn, EOS]; the model never has to predict BOS.")
-        if not (decoder_target == eos_id).any(dim=1).all():
-            fail(f"{where}: a row of the target has no EOS: append EOS after y1 ... yn, so that "
-                 "the model learns when to stop.")
-        if (decoder_target == -100).any():
-            fail(f"{where}: the target is padded with -100; pad it with pad_id ({pad_id}), the "
-                 "ignore_index the chapter's loss uses.")
-        fail(f"{where}: the decoder target differs from [y1, ..., yn, EOS, pad, ...]: "
-             f"{_index(decoder_target, expected_target)}.")
-    if not torch.equal(decoder_input, expected_input):
-        rows = [torch.cat([torch.tensor([bos_id]), s, torch.tensor([eos_id])]) for s in sequences]
-        with_eos = torch.full_like(expected_input, pad_id)
-        for b, row in enumerate(rows):
-            row = row[:length]
-            with_eos[b, : len(row)] = row
-        if torch.equal(decoder_input, with_eos):
-            fail(f"{where}: the shortest rows of your input contain EOS: the input is "
-                 "[BOS, y1, ..., yn] and is padded after yn; EOS belongs to the target only.")
-        fail(f"{where}: the decoder input differs from [BOS, y1, ..., yn, pad, ...]: "
-             f"{_index(decoder_input, expected_input)}.")
+def _diagnose_tokens(c) -> None:
+    """Name the mistake of the student's tokens ``c.input`` and ``c.target`` (case ``c``)."""
+    where = f"{c.where}: "
+    name_mistake(c.input, _SHAPES, c, prefix=where)
+    expect_shape(c.input, (c.batch, c.length), f"{where}the decoder input")
+    if c.input.dtype != torch.long or c.target.dtype != torch.long:
+        fail(f"{where}token tensors must be torch.long (token ids index an nn.Embedding); "
+             f"yours are {c.input.dtype} and {c.target.dtype}.")
+    if torch.equal(c.input, c.right_input) and torch.equal(c.target, c.right_target):
+        return
+    name_mistake(c.input, _TOKENS, c, prefix=where)
+    if not torch.equal(c.target, c.right_target):
+        name_mistake(c.input, _TARGET, c, prefix=where, general=f"{where}the decoder target "
+                     "differs from [y1, ..., yn, EOS, pad, ...]: "
+                     f"{first_difference(c.target, c.right_target)}.")
+    name_mistake(c.input, _INPUT, c, prefix=where, general=f"{where}the decoder input differs "
+                 f"from [BOS, y1, ..., yn, pad, ...]: {first_difference(c.input, c.right_input)}.")
 
 
 def _diagnose_mask(mask, decoder_input, expected, pad_id, where, args):
@@ -714,12 +660,13 @@ def _diagnose_mask(mask, decoder_input, expected, pad_id, where, args):
     causal = _causal(length).expand(expected.shape)
     if (mask & ~causal).any():
         fail(f"{where}: the target mask lets some positions attend to later ones "
-             f"({_index(mask, expected)}): the decoder peeks at the future.")
-    fail(f"{where}: the target mask differs from causal & not-padding: {_index(mask, expected)}.")
+             f"({first_difference(mask, expected)}): the decoder peeks at the future.")
+    fail(f"{where}: the target mask differs from causal & not-padding: {first_difference(mask, expected)}.")
 
 
 @exercise("7.3", "The decoder input, target and mask of a batch",
-          mistakes={"make_decoder_batch": _MASKS + _BATCH_CAUGHT})
+          mistakes={"make_decoder_batch": _SHAPES + _TOKENS + _TARGET + _INPUT + _MASKS
+                                            + _BATCH_CAUGHT})
 def check_decoder_batch(make_decoder_batch):
     """Compare ``make_decoder_batch(sequences, bos_id, eos_id, pad_id)`` with the reference."""
     expect_callable(make_decoder_batch, "your batch function",
@@ -748,12 +695,14 @@ def check_decoder_batch(make_decoder_batch):
                  f"tgt_mask); it returned a {type(result).__name__}"
                  + (f" of length {len(result)}." if isinstance(result, tuple) else "."))
         decoder_input, decoder_target, mask = result
-        decoder_input = expect_tensor(decoder_input, f"{where}: the decoder input")
-        decoder_target = expect_tensor(decoder_target, f"{where}: the decoder target")
         expected_input, expected_target, expected_mask = _reference_batch(sequences, bos_id,
                                                                           eos_id, pad_id)
-        _diagnose_tokens(decoder_input, decoder_target, expected_input, expected_target,
-                         sequences, bos_id, eos_id, pad_id, where)
+        _diagnose_tokens(SimpleNamespace(
+            input=expect_tensor(decoder_input, f"{where}: the decoder input"),
+            target=expect_tensor(decoder_target, f"{where}: the decoder target"),
+            right_input=expected_input, right_target=expected_target, batch=len(sequences),
+            length=expected_input.size(1), sequences=sequences, bos=bos_id, eos=eos_id,
+            pad=pad_id, where=where))
         _diagnose_mask(mask, expected_input, expected_mask, pad_id, where,
                        ([s.clone() for s in sequences], bos_id, eos_id, pad_id))
 
@@ -864,18 +813,19 @@ _TRAP_3 = {(): {_A: 0.6, _EOS: 0.4}, (_A,): {_A: 0.95, _EOS: 0.05}}
 _TRAP_4 = {(): {_EOS: 0.5, _A: 0.5}, (_A,): {_A: 0.5, _B: 0.5}}
 
 
-def _log_probs(model, src, tokens: list[int]) -> list[float]:
-    """log p(token | prefix, src) for every token after the first, by teacher forcing."""
+def _teacher_forced(model, src, tokens: list[int]):
+    """log p(token | prefix, src) and the raw logit of every token after the first."""
     with torch.no_grad():
-        logits = model.decode(torch.tensor([tokens[:-1]]), model.encode(src), src)
-    log_p = logits[0].double().log_softmax(dim=-1)  # (T - 1, V)
-    return [log_p[t, token].item() for t, token in enumerate(tokens[1:])]
+        logits = model.decode(torch.tensor([tokens[:-1]]), model.encode(src), src)[0].double()
+    log_p = logits.log_softmax(dim=-1)  # (T - 1, V)
+    pairs = [(log_p[t, token].item(), logits[t, token].item()) for t, token in enumerate(tokens[1:])]
+    return [lp for lp, _ in pairs], [raw for _, raw in pairs]
 
 
-def _beam_variant(mistake=None, refill=False, early_stop=False, stop_at_k=False):
+def _beam_variant(mistake=None, refill=False, early_stop=False, stop_at_k=False, score=None):
     """beam_search with one mistake switched on, or an accepted variant (refill: keep the
     beam full with unfinished extensions; stop_at_k: fairseq's stop; early_stop: stop once
-    no live hypothesis can catch up)."""
+    no live hypothesis can catch up; score: return that wrong score of _SCORES)."""
 
     def beam_search(model, src, bos_id, eos_id, max_len, beam_size):
         if mistake != "train mode":
@@ -915,14 +865,11 @@ def _beam_variant(mistake=None, refill=False, early_stop=False, stop_at_k=False)
             pool = {"finished only": finished or live, "live only": live or finished}.get(
                 mistake, finished + live)
             rank = (lambda h: h[1] / (len(h[0]) - 1)) if mistake == "length normalized" else (lambda h: h[1])
-            tokens, score = max(pool, key=rank)
-        if mistake == "score without EOS" and tokens[-1] == eos_id:
-            with torch.no_grad():
-                logits = model.decode(torch.tensor([tokens[:-1]]), memory, src)
-            score -= logits[0, -1].double().log_softmax(-1)[eos_id].item()
+            tokens, total = max(pool, key=rank)
+        if score is not None:
+            total = _SCORES[score][0](*_teacher_forced(model, src, tokens), tokens)
         shaped = {"2-D": lambda: torch.tensor([tokens]), "no BOS": lambda: torch.tensor(tokens[1:])}
-        result = (shaped.get(mistake, lambda: torch.tensor(tokens))(),
-                  math.exp(score) if mistake == "probability" else score)
+        result = (shaped.get(mistake, lambda: torch.tensor(tokens))(), total)
         return result[0] if mistake == "tokens only" else result
 
     return beam_search
@@ -964,7 +911,6 @@ _BEAM_MISTAKES = [Mistake(message, _beam_variant(name), expect=re_words)
 _BEAM_CAUGHT = [Caught(_beam_variant(name), expect) for name, expect in [
     ("train mode", "model.eval\\(\\)"), ("gradients", "torch.no_grad\\(\\)"),
     ("extends finished", "goes on after EOS"), ("max_len + 1", "more than max_len"),
-    ("score without EOS", "leaves out log p\\(EOS\\)"), ("probability", "you return the probability"),
     ("2-D", "return one sequence, a\\s+1-D tensor"), ("no BOS", "starts with BOS"),
     ("tokens only", "should return a tuple")]]
 
@@ -1010,36 +956,49 @@ def _call_beam(beam_search, model, src, max_len, beam_size, label, hints=()):
     return tokens, float(score)
 
 
+_SCORES = {  # what a returned score is instead of the sum of log p, from (log p, logits, tokens)
+    "no EOS": (lambda lp, raw, tokens: sum(lp[:-1]) if tokens[-1] == _EOS else None,
+               "the score you return leaves out log p(EOS): the EOS token is part of the "
+               "sequence and its log-probability counts."),
+    "probability": (lambda lp, raw, tokens: math.exp(sum(lp)), "you return the probability of "
+                    "the sequence; return its log-probability (the sum of the tokens' "
+                    "log-probabilities)."),
+    "mean": (lambda lp, raw, tokens: sum(lp) / len(lp), "you return the mean log-probability per "
+             "token; return the total, the sum of the tokens' log-probabilities."),
+    "last": (lambda lp, raw, tokens: lp[-1], "your score is the log-probability of the last token "
+             "only: a hypothesis's score is the SUM of the log-probabilities of all its tokens."),
+    "logits": (lambda lp, raw, tokens: sum(raw), "your score adds raw logits: turn them into "
+               "log-probabilities first (log_softmax over the vocabulary); logits of different "
+               "prefixes are not comparable."),
+    "probabilities": (lambda lp, raw, tokens: sum(math.exp(v) for v in lp), "your score adds "
+                      "probabilities: the probability of a sequence is the product of its "
+                      "tokens' probabilities, so add their logarithms."),
+}
+
+
+def _score_is(name):
+    def symptom(score, c):
+        value = _SCORES[name][0](c.log_p, c.raw, c.tokens)
+        return value is not None and math.isclose(score, value, rel_tol=1e-5, abs_tol=1e-6)
+
+    return symptom
+
+
+_SCORE_MISTAKES = [Mistake(message, _beam_variant(score=name), symptom=_score_is(name))
+                   for name, (_, message) in _SCORES.items()]
+
+
 def _score_mistake(score: float, model, src, tokens: list[int], label: str) -> None:
     """Fail when ``score`` is not the log-probability of ``tokens``, naming the likely slip."""
-    log_p = _log_probs(model, src, tokens)
-    true_score = sum(log_p)
-    if math.isclose(score, true_score, rel_tol=1e-5, abs_tol=1e-5):
+    log_p, raw = _teacher_forced(model, src, tokens)
+    if math.isclose(score, sum(log_p), rel_tol=1e-5, abs_tol=1e-5):
         return
-    with torch.no_grad():
-        logits = model.decode(torch.tensor([tokens[:-1]]), model.encode(src), src)[0].double()
-    picked = [logits[t, token].item() for t, token in enumerate(tokens[1:])]
-    candidates = [
-        (sum(log_p[:-1]) if tokens[-1] == _EOS else None, "the score you return leaves out "
-         "log p(EOS): the EOS token is part of the sequence and its log-probability counts."),
-        (math.exp(true_score), "you return the probability of the sequence; return its "
-         "log-probability (the sum of the tokens' log-probabilities)."),
-        (true_score / (len(tokens) - 1), "you return the mean log-probability per token; "
-         "return the total, the sum of the tokens' log-probabilities."),
-        (log_p[-1], "your score is the log-probability of the last token only: a "
-         "hypothesis's score is the SUM of the log-probabilities of all its tokens."),
-        (sum(picked), "your score adds raw logits: turn them into log-probabilities first "
-         "(log_softmax over the vocabulary); logits of different prefixes are not comparable."),
-        (sum(math.exp(v) for v in log_p), "your score adds probabilities: the probability of a "
-         "sequence is the product of its tokens' probabilities, so add their logarithms."),
-    ]
-    for value, message in candidates:
-        if value is not None and math.isclose(score, value, rel_tol=1e-5, abs_tol=1e-6):
-            fail(f"{label}: {message}")
-    fail(f"{label}: the score you return, {score:.5f}, is not the log-probability of the "
-         f"tokens you return, {tokens} ({true_score:.5f}): the score is the sum of "
-         "log p(token | earlier tokens, src) over the tokens after BOS, with p the softmax "
-         "of the model's logits over the whole vocabulary.")
+    case = SimpleNamespace(log_p=log_p, raw=raw, tokens=tokens)
+    name_mistake(score, _SCORE_MISTAKES, case, prefix=f"{label}: ", general=f"{label}: the score "
+                 f"you return, {score:.5f}, is not the log-probability of the tokens you return, "
+                 f"{tokens} ({sum(log_p):.5f}): the score is the sum of log p(token | earlier "
+                 "tokens, src) over the tokens after BOS, with p the softmax of the model's "
+                 "logits over the whole vocabulary.")
 
 
 def _beam_cases():
@@ -1072,7 +1031,8 @@ def _beam_cases():
     return cases
 
 
-@exercise("7.4", "Beam search", mistakes={"beam_search": _BEAM_MISTAKES + _BEAM_CAUGHT})
+@exercise("7.4", "Beam search",
+          mistakes={"beam_search": _BEAM_MISTAKES + _SCORE_MISTAKES + _BEAM_CAUGHT})
 def check_beam_search(beam_search):
     """Compare ``beam_search(model, src, bos_id, eos_id, max_len, beam_size)`` with a reference.
 
@@ -1103,10 +1063,9 @@ def check_beam_search(beam_search):
                        "with beam_size=1, beam search keeps the single best extension at "
                        "every step, which is greedy decoding.")
         else:
-            best = expected[0]
-            message = (f"{label} returned {tokens} (log-probability "
-                       f"{sum(_log_probs(reference, src, tokens)):.4f}); beam search returns "
-                       f"{best} (log-probability {sum(_log_probs(reference, src, best)):.4f}).")
+            mine, best = (sum(_teacher_forced(reference, src, t)[0]) for t in (tokens, expected[0]))
+            message = (f"{label} returned {tokens} (log-probability {mine:.4f}); beam search "
+                       f"returns {expected[0]} (log-probability {best:.4f}).")
         if not suspects:
             _score_mistake(score, reference, src, tokens, label)
             fail(message)
@@ -1149,9 +1108,9 @@ def _check_beam_on_transformer(beam_search):
                 greedy = greedy_decode(model, src, _BOS, _EOS, 7)[0].tolist()
                 fail(f"{label} returned {tokens}, but the chapter's greedy_decode returns "
                      f"{greedy}: with beam_size=1, beam search is greedy decoding.")
+            mine, best = (sum(_teacher_forced(model, src, t)[0]) for t in (tokens, expected[0]))
             fail(f"{label} returned {tokens}; beam search returns {expected[0]} (log-"
-                 f"probabilities {sum(_log_probs(model, src, tokens)):.4f} and "
-                 f"{sum(_log_probs(model, src, expected[0])):.4f}).")
+                 f"probabilities {mine:.4f} and {best:.4f}).")
 
 
 # ----------------------------------------------------------------------------- exercise 7.5
@@ -1195,9 +1154,8 @@ def _classifier_parts(model, vocab, classes, d_model, layers, label):
         fail(f"{label}: `layers` holds {len(stack)} layers; num_layers={layers} were asked for.")
     if not all(isinstance(layer, EncoderLayer) for layer in stack):
         kinds = sorted({type(layer).__name__ for layer in stack})
-        fail(f"{label}: `layers` holds {', '.join(kinds)}; use the chapter's EncoderLayer "
-             "(from transformer_book.model import EncoderLayer), whose masks say True = may "
-             "attend.")
+        fail(f"{label}: `layers` holds {', '.join(kinds)}; use the chapter's EncoderLayer (from "
+             "transformer_book.model import EncoderLayer), whose masks say True = may attend.")
     if len({id(layer) for layer in stack}) < layers:
         fail(f"{label}: `layers` holds the same EncoderLayer object several times "
              "([layer] * num_layers repeats one layer, with one set of weights); build a "
@@ -1293,17 +1251,6 @@ _CLASSIFIER_CAUGHT = [
 ]
 
 
-def _with_weights_of(model, tokens, arguments):
-    """``run`` for a mistake class: built with the same arguments, with the model's weights."""
-
-    def run(wrong_class):
-        twin = wrong_class(*arguments[:2], **arguments[2]).eval()
-        twin.load_state_dict(model.state_dict(), strict=False)
-        return twin(tokens)
-
-    return run
-
-
 def _check_constructor_arguments(EncoderClassifier) -> None:  # noqa: N803
     """Probe: dropout and max_len reach the submodules that use them."""
     args = ("EncoderClassifier(11, 3, d_model=8, num_heads=2, num_layers=2, d_ff=16, "
@@ -1337,7 +1284,7 @@ def _classifier_case(EncoderClassifier, number, case) -> None:  # noqa: N803
     with torch.no_grad():
         logits = call(model, tokens.clone(), what=f"{args}(tokens)")
         logits = expect_shape(logits, (len(lengths), classes), f"the logits of {label}")
-        run = _with_weights_of(model, tokens, (vocab, classes, kwargs))
+        run = with_weights_of(model, tokens, build=lambda c: c(vocab, classes, **kwargs))
         right = [run(_classifier(scale=scale)) for scale in (True, False)]
         if any(same(logits, r, atol=1e-5, rtol=1e-4) for r in right):
             return
@@ -1351,9 +1298,8 @@ def _classifier_case(EncoderClassifier, number, case) -> None:  # noqa: N803
             fail(f"{label}: adding three more padding positions to the batch changes the "
                  "logits: padding must not count, neither in attention (pass the padding "
                  "mask to every layer) nor in the pooling (mean over real tokens only).")
-        expect_close(logits, right[0], f"the logits of {label} differ from "
-                     "classifier(masked mean of layers(positions(embedding(tokens) * "
-                     "sqrt(d_model)), padding mask))")
+        expect_close(logits, right[0], f"the logits of {label} differ from classifier(masked mean "
+                     "of layers(positions(embedding(tokens) * sqrt(d_model)), padding mask))")
 
 
 @exercise("7.5", "An encoder-only classifier",

@@ -1,17 +1,22 @@
 """Checks for the exercises of chapter 8, Fast decoding.
 
 Per-head tensors have the shape ``(batch, heads, L, d_head)``; a decoding step brings
-one new position, ``L = 1``. A cache is a dict holding ``"k"`` and ``"v"``.
+one new position (``L = 1``) or a chunk of them. A cache is a dict holding ``"k"`` and
+``"v"``. Each check is its cases, a reference and tables of mistakes, each a wrong step
+with the student's signature: the check replays it over the same steps and names the
+mistake whose cache or output the student's equals.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from contextlib import nullcontext
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from transformer_book.multihead import MultiHeadAttention
+from transformer_book.multihead import MultiHeadAttention, merge_heads, split_heads
 
 from ._core import (
     Caught,
@@ -35,16 +40,115 @@ def _chapter_attention() -> list[tuple[object, str]]:
     forward: an exercise that asks for what they do refuses a call of them."""
     return [(MultiHeadAttention, name) for name in ("forward", "_keys_values", "_fused")]
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _sequences(generator: torch.Generator, batch: int, heads: int, length: int, d_head: int):
-    shape = (batch, heads, length, d_head)
-    return [torch.randn(shape, generator=generator) for _ in range(3)]
-
 
 def _attend(q, k, v, mask=None, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _bottom_right(new: int, total: int) -> torch.Tensor:
+    """(new, total): query i, at position total - new + i, sees keys 0 ... that position."""
+    return torch.arange(total) <= torch.arange(total - new, total)[:, None]
+
+
+def _step_variant(query, key, value, cache, *, replace=False, mask="bottom right", scale=None,
+                  spread="interleave"):
+    """A decoding step with one option per mistake (the defaults give the right answer).
+
+    It appends the new keys and values to the cache along the positions and attends over
+    it with a mask aligned to the bottom right; with fewer key/value heads than query
+    heads, each group of neighbouring query heads reads one key/value head.
+    """
+    group = query.size(1) // key.size(1)
+    if spread == "before cache":  # the cache then holds one head per query head
+        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    new_k, new_v = key, value
+    if "k" in cache and not replace:
+        key = torch.cat([cache["k"], key], dim=2)
+        value = torch.cat([cache["v"], value], dim=2)
+    cache["k"], cache["v"] = key, value
+    if mask == "new only":
+        key, value = new_k, new_v
+    if spread != "before cache" and group > 1:
+        key, value = (x.repeat(1, group, 1, 1) if spread == "tile"
+                      else x.repeat_interleave(group, dim=1) for x in (key, value))
+    n, total = query.size(2), key.size(2)
+    top_left = torch.ones(n, total, dtype=torch.bool).tril()  # is_causal=True's mask
+    masks = {"bottom right": _bottom_right(n, total), "top left": top_left, "none": None}
+    return _attend(query, key, value, masks.get(mask, _bottom_right(n, total)), scale=scale)
+
+
+# ----------------------------------------------------------------------- decoding steps
+
+
+@dataclasses.dataclass
+class _Step:
+    """Step ``index`` of a decoding case: the chunk of positions ``bounds[index]``."""
+
+    q: torch.Tensor  # (B, h, L, d_head)
+    k: torch.Tensor  # (B, h_kv, L, d_head)
+    v: torch.Tensor
+    bounds: list  # (start, end) of every step
+    index: int
+    where: str = ""
+    held: torch.Tensor | None = None  # the student's cache['k'] after this step
+
+    @property
+    def start(self) -> int:
+        return self.bounds[self.index][0]
+
+    @property
+    def end(self) -> int:
+        return self.bounds[self.index][1]
+
+    @property
+    def last(self) -> int:
+        return self.end - 1
+
+    def inputs(self, start: int, end: int) -> list[torch.Tensor]:
+        return [x[:, :, start:end].clone() for x in (self.q, self.k, self.v)]
+
+
+def _replay(step_fn, s: _Step):
+    """(output, cache) of ``step_fn`` run over the steps up to ``s``, from an empty cache."""
+    cache: dict = {}
+    for start, end in s.bounds[: s.index + 1]:
+        out = step_fn(*s.inputs(start, end), cache)
+    return out, cache
+
+
+def _name(actual, table, s: _Step) -> None:
+    """Name the mistake of ``table`` whose output ``actual`` equals."""
+    name_mistake(actual, table, s, run=lambda wrong: _replay(wrong, s), pick=lambda r: r[0])
+
+
+def _steps(step_fn, what, q, k, v, bounds, where, refuse=None, missing="."):
+    """Run the student's step over the chunks; yield each step (its ``held`` set) and output."""
+    cache: dict = {}
+    for index, (start, end) in enumerate(bounds):
+        s = _Step(q, k, v, bounds, index)
+        s.where = where.format(s=s)
+        with refused([step_fn], _chapter_attention(), refuse) if refuse else nullcontext():
+            out = call(step_fn, *s.inputs(start, end), cache, what=what)
+        if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
+            fail(f"after the step {s.where} the cache has no 'k' and 'v' entries{missing}")
+        s.held = expect_tensor(cache["k"], f"cache['k'] {s.where}")
+        yield s, out
+
+
+_UNSCALED = Mistake(lambda s: f"your output {s.where} is unscaled: divide the scores by "
+                    "sqrt(d_head).", partial(_step_variant, scale=1.0), expect="unscaled")
+
+
+def _one_at_a_time(length: int) -> list[tuple[int, int]]:
+    return [(t, t + 1) for t in range(length)]
+
+
+def _check_output(out, s: _Step, expected, table, general: str) -> None:
+    """The output of step ``s`` has its shape and equals ``expected``, or names a mistake."""
+    expect_shape(out, expected.shape, f"your output {s.where}")
+    if not same(out, expected):
+        _name(out, table, s)
+        fail(f"your output {s.where} differs from {general}.")
 
 
 # ----------------------------------------------------------------------------- 8.1
@@ -140,7 +244,7 @@ def check_ring_window_step(ring_window_step):
                   "Position t goes into slot t % window: the ring has window slots.")]
     for batch, heads, length, d_head, window in [(2, 3, 8, 4, 3), (1, 2, 5, 3, 5),
                                                  (2, 1, 6, 2, 1)]:
-        q, k, v = _sequences(generator, batch, heads, length, d_head)
+        q, k, v = (torch.randn(batch, heads, length, d_head, generator=generator) for _ in "qkv")
         cache: dict = {}
         address = None
         for t in range(length):
@@ -186,29 +290,109 @@ def check_ring_window_step(ring_window_step):
                  f"min(t + 1, {window}) positions.")
 
 
-def is_causal_mask(length: int) -> torch.Tensor:
-    return torch.ones(length, length, dtype=torch.bool).tril()  # (L, L)
-
-
 # ----------------------------------------------------------------------------- 8.2
 
 
-def _counter(module: torch.nn.Module):
-    calls = {"n": 0}
+def _cross_variant(mha, x, memory, cache, *, recompute=False, mask=None, project_out=True,
+                   call_module=False, call_class=False, names="kv", split=True):
+    """cross_attention_step with one option per mistake (the defaults give the right answer)."""
+    if call_module:
+        return mha(x, memory, memory)
+    if call_class:  # the chapter's own module, reached through the class
+        cache["static"] = True
+        return type(mha).forward(mha, x, memory, memory, cache=cache)
+    keep = (lambda t: split_heads(t, mha.num_heads)) if split else (lambda t: t)
+    if recompute or names[0] not in cache:
+        cache[names[0]], cache[names[1]] = keep(mha.w_k(memory)), keep(mha.w_v(memory))
+    cache["t"] = cache.get("t", -1) + 1
+    q = split_heads(mha.w_q(x), mha.num_heads)
+    k, v = (t if split else split_heads(t, mha.num_heads) for t in (cache[n] for n in names))
+    masks = {"one query": torch.ones(1, k.size(2), dtype=torch.bool).tril(),  # source 0 only
+             "causal": (torch.arange(k.size(2)) <= cache["t"])[None, :]}  # sources 0 ... t
+    heads = merge_heads(_attend(q, k, v, masks.get(mask)))
+    return mha.w_o(heads) if project_out else heads
 
-    def hook(*_args):
-        calls["n"] += 1
 
-    return calls, module.register_forward_hook(hook)
+def _cross_replay(step_fn, mha, xs, memory):
+    cache: dict = {}
+    return torch.cat([step_fn(mha, xs[:, t : t + 1], memory, cache)
+                      for t in range(xs.size(1))], dim=1)
 
 
-@exercise("8.2", "Cross-attention that projects the memory once")
+_TOO_FEW = ("your output attends to too few source positions: {}. The decoder may read every "
+            "position of the memory: no mask here (only the source's padding mask, when there "
+            "is padding).")
+_CROSS = [
+    Mistake(_TOO_FEW.format("a causal mask was applied to a one-query step"),
+            partial(_cross_variant, mask="one query"), when=lambda src_len: src_len > 1),
+    Mistake(_TOO_FEW.format("a causal mask was applied to cross-attention"),
+            partial(_cross_variant, mask="causal"), when=lambda src_len: src_len > 1),
+    Mistake("your output skips the output projection mha.w_o.",
+            partial(_cross_variant, project_out=False)),
+]
+_CROSS_CAUGHT = [
+    Caught(partial(_cross_variant, recompute=True), "recomputes the memory's keys"),
+    Caught(partial(_cross_variant, call_module=True), r"rather than mha\(\.\.\.\)"),
+    Caught(partial(_cross_variant, call_class=True), "the chapter's MultiHeadAttention methods"),
+    Caught(partial(_cross_variant, names=("keys", "values")), "cache has no 'k' and 'v' entries"),
+    Caught(partial(_cross_variant, split=False), r"split into heads, \(batch, heads"),
+]
+_CROSS_REFUSED = (
+    "call the projections (mha.w_q, mha.w_k, mha.w_v, mha.w_o) yourself rather than mha(...) "
+    "or the chapter's MultiHeadAttention methods: the point is to see where the memory's keys "
+    "are made."
+)
+
+
+def _counted_steps(step_fn, mha, xs, memory):
+    """The student's outputs over the steps, how often they ran mha.w_k and mha.w_v, and the
+    cache they left."""
+    calls = {"k": 0, "v": 0}
+    hooks = [getattr(mha, f"w_{n}").register_forward_hook(
+        lambda *_, n=n: calls.__setitem__(n, calls[n] + 1)) for n in "kv"]
+    cache: dict = {}
+    outs = []
+    try:
+        targets = [(mha, "forward"), *_chapter_attention()]
+        with refused([step_fn], targets, _CROSS_REFUSED), torch.no_grad():
+            for t in range(xs.size(1)):
+                out = call(step_fn, mha, xs[:, t : t + 1].clone(), memory, cache,
+                           what="cross_attention_step")
+                where = (f"at step {t} (batch {xs.size(0)}, {mha.num_heads} heads, "
+                         f"{memory.size(1)} sources)")
+                outs.append(expect_shape(out, xs[:, :1].shape, f"your output {where}"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        del mha.forward  # refused() left the bound method on the instance
+    return torch.cat(outs, dim=1).detach(), calls, cache
+
+
+def _expect_memory_cache(cache, mha, memory) -> None:
+    """After the steps the cache holds the memory's keys and values, split into heads."""
+    if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
+        fail("after the steps the cache has no 'k' and 'v' entries: keep the memory's keys and "
+             "values, projected on the first step, in cache['k'] and cache['v'] (the same "
+             "dict, updated in place).")
+    for name, w in (("k", mha.w_k), ("v", mha.w_v)):
+        held = expect_tensor(cache[name], f"cache['{name}'] after the steps")
+        with torch.no_grad():
+            expected = split_heads(w(memory), mha.num_heads)  # (B, h, L_src, d_head)
+        if tuple(held.shape) == tuple(memory.shape) != tuple(expected.shape):
+            fail(f"cache['{name}'] has shape {tuple(held.shape)}, the memory's projection "
+                 "before the heads: keep it split into heads, (batch, heads, L_src, d_head) = "
+                 f"{tuple(expected.shape)}, as split_heads returns it.")
+        if not same(held, expected):
+            fail(f"cache['{name}'] after the steps does not hold the memory's projection "
+                 f"split into heads, split_heads(mha.w_{name}(memory), mha.num_heads), shape "
+                 f"{tuple(expected.shape)}.")
+
+
+@exercise("8.2", "Cross-attention that projects the memory once",
+          mistakes={"cross_attention_step": _CROSS + _CROSS_CAUGHT})
 def check_cross_attention_step(cross_attention_step):
-    expect_callable(
-        cross_attention_step,
-        "your step function",
-        "check_cross_attention_step(cross_attention_step)",
-    )
+    expect_callable(cross_attention_step, "your step function",
+                    "check_cross_attention_step(cross_attention_step)")
     generator = torch.Generator().manual_seed(82)
     for batch, d_model, heads, src_len, steps in [(2, 12, 3, 5, 4), (1, 8, 1, 1, 3)]:
         with torch.random.fork_rng():
@@ -218,85 +402,23 @@ def check_cross_attention_step(cross_attention_step):
         xs = torch.randn(batch, steps, d_model, generator=generator)
         with torch.no_grad():
             expected = mha(xs, memory, memory)  # (B, steps, d_model); rows independent
-        keys, key_hook = _counter(mha.w_k)
-        values, value_hook = _counter(mha.w_v)
-        cache: dict = {}
-        message = (
-            "call the projections (mha.w_q, mha.w_k, mha.w_v, mha.w_o) yourself rather "
-            "than mha(...) or the chapter's MultiHeadAttention methods: the point is to "
-            "see where the memory's keys are made."
-        )
-        try:
-            targets = [(mha, "forward"), *_chapter_attention()]
-            with refused([cross_attention_step], targets, message), torch.no_grad():
-                outs = []
-                for t in range(steps):
-                    out = call(
-                        cross_attention_step,
-                        mha,
-                        xs[:, t : t + 1].clone(),
-                        memory,
-                        cache,
-                        what="cross_attention_step",
-                    )
-                    where = f"at step {t} (batch {batch}, {heads} heads, {src_len} sources)"
-                    outs.append(expect_shape(out, (batch, 1, d_model), f"your output {where}"))
-        finally:
-            key_hook.remove()
-            value_hook.remove()
-            del mha.forward  # refused() left the bound method on the instance
-        got = torch.cat(outs, dim=1).detach()
-        if keys["n"] > 1 or values["n"] > 1:
-            fail(
-                f"your step ran mha.w_k {keys['n']} and mha.w_v {values['n']} times over "
-                f"{steps} steps: it recomputes the memory's keys and values at every step. "
-                "The memory does not change while decoding: project it on the first step, "
-                "keep the result in cache['k'] and cache['v'], and reuse it."
-            )
-        if keys["n"] == 0 or values["n"] == 0:
-            fail(
-                "your step never ran mha.w_k or mha.w_v: the memory's keys and values are "
-                "its projections, split into heads (check the cache is empty at the start)."
-            )
+        got, calls, cache = _counted_steps(cross_attention_step, mha, xs, memory)
+        if calls["k"] > 1 or calls["v"] > 1:
+            fail(f"your step ran mha.w_k {calls['k']} and mha.w_v {calls['v']} times over "
+                 f"{steps} steps: it recomputes the memory's keys and values at every step. "
+                 "The memory does not change while decoding: project it on the first step, "
+                 "keep the result in cache['k'] and cache['v'], and reuse it.")
+        _expect_memory_cache(cache, mha, memory)
         if same(got, expected):
-            continue
-        _diagnose_cross(got, mha, xs, memory, heads, steps, src_len)
-
-
-@torch.no_grad()
-def _diagnose_cross(got, mha, xs, memory, heads, steps, src_len):
-    """Name the mistake of a cross-attention step whose output is wrong."""
-    q = _split(mha.w_q(xs), heads)  # (B, h, steps, d_head)
-    k, v = _split(mha.w_k(memory), heads), _split(mha.w_v(memory), heads)
-    first_only = torch.zeros(steps, src_len, dtype=torch.bool)
-    first_only[:, 0] = True
-    causal = torch.ones(steps, src_len, dtype=torch.bool).tril()  # row t sees 0 ... t
-    for mask, text in [
-        (first_only, "a causal mask was applied to a one-query step"),
-        (causal, "a causal mask was applied to cross-attention"),
-    ]:
-        if src_len > 1 and same(got, mha.w_o(_merge(_attend(q, k, v, mask)))):
-            fail(
-                f"your output attends to too few source positions: {text}. The decoder "
-                "may read every position of the memory: no mask here (only the "
-                "source's padding mask, when there is padding)."
-            )
-    if same(got, _merge(_attend(q, k, v))):
-        fail("your output skips the output projection mha.w_o.")
-    fail(
-        "your output differs from mha(x, memory, memory): queries from x, keys and "
-        "values from the memory, split into heads, attended, merged and projected."
-    )
-
-
-def _split(x, heads):
-    batch, length, d_model = x.shape
-    return x.reshape(batch, length, heads, d_model // heads).transpose(1, 2)
-
-
-def _merge(x):
-    batch, heads, length, d_head = x.shape
-    return x.transpose(1, 2).reshape(batch, length, heads * d_head)
+            continue  # (the memory may be projected with F.linear and the same weights)
+        if calls["k"] == 0 or calls["v"] == 0:
+            fail("your step never ran mha.w_k or mha.w_v: the memory's keys and values are "
+                 "its projections, split into heads (check the cache is empty at the start).")
+        with torch.no_grad():
+            name_mistake(got, _CROSS, src_len,
+                         run=partial(_cross_replay, mha=mha, xs=xs, memory=memory))
+        fail("your output differs from mha(x, memory, memory): queries from x, keys and "
+             "values from the memory, split into heads, attended, merged and projected.")
 
 
 # ----------------------------------------------------------------------------- 8.3
@@ -319,7 +441,7 @@ def _tensors(cache, path=()):
             yield (*path, key), value
 
 
-def _name(path) -> str:
+def _path_name(path) -> str:
     return "cache" + "".join(f"[{p!r}]" for p in path)
 
 
@@ -384,47 +506,68 @@ def check_reorder_cache(reorder_cache):
                 got = cache
                 for key in path:
                     got = got.get(key) if isinstance(got, dict) else None
-                got = expect_tensor(got, f"{_name(path)} after your call {where}")
+                got = expect_tensor(got, f"{_path_name(path)} after your call {where}")
                 old = old.float() if old.dtype == torch.bool else old  # compared as numbers
                 if same(got, old.index_select(0, beams), equal_nan=True):
                     continue
                 if same(got, old, equal_nan=True):
                     part = ("; cross-attention's keys and values come from each row's "
                             "source, so they follow the rows too" if "cross" in path else "")
-                    fail(f"{_name(path)} was not reordered {where}: every tensor of the "
+                    fail(f"{_path_name(path)} was not reordered {where}: every tensor of the "
                          f"cache has one row per sequence{part}.")
                 if old.dim() > 2 and same(got, old.index_select(1, beams), equal_nan=True):
-                    fail(f"{_name(path)} {where}: you reordered the heads (axis 1); the "
+                    fail(f"{_path_name(path)} {where}: you reordered the heads (axis 1); the "
                          "sequences are axis 0, (batch, heads, L, d_head).")
                 scattered = old.clone()
                 scattered[beams] = old
                 if len(set(beams.tolist())) == len(beams) and same(got, scattered,
                                                                     equal_nan=True):
-                    fail(f"{_name(path)} {where}: row b's cache was scattered to row "
+                    fail(f"{_path_name(path)} {where}: row b's cache was scattered to row "
                          "beams[b]; row b must receive the cache of its parent, row beams[b] "
                          "(`index_select(0, beams)`).")
-                fail(f"{_name(path)} {where} should hold row beams[b] of the old tensor in "
+                fail(f"{_path_name(path)} {where} should hold row beams[b] of the old tensor in "
                      "row b.")
 
 
 # ----------------------------------------------------------------------------- 8.5
 
+_CHUNK = [
+    Mistake(lambda s: f"your output {s.where} uses a causal mask aligned to the top left "
+            "(`is_causal=True`, or `tril` of an (n, L) matrix): query i then sees keys 0 ... i, "
+            "as if the chunk started at position 0. The chunk's queries are the last n "
+            "positions: query i sees keys 0 ... start + i, a mask aligned to the bottom right.",
+            partial(_step_variant, mask="top left"), when=lambda s: s.start > 0,
+            expect="aligned to the top left"),
+    Mistake(lambda s: f"your output {s.where} lets each query of the chunk see the later "
+            "positions of the same chunk: with several new queries a mask is needed again (one "
+            "query needs none).", partial(_step_variant, mask="none"),
+            when=lambda s: s.end - s.start > 1, expect="later positions of the same chunk"),
+    Mistake(lambda s: f"your output {s.where} attends within the chunk only: the cached "
+            "positions 0 ... start - 1 are in every new query's past; attend over the cache "
+            "and the chunk together.", partial(_step_variant, mask="new only"),
+            when=lambda s: s.start > 0, expect="attends within the chunk only"),
+    _UNSCALED,
+]
+_CHUNK_REFUSED = (
+    "write the chunk's attention yourself (F.scaled_dot_product_attention with your own mask is "
+    "fine), not with the chapter's MultiHeadAttention: its mask is what this exercise is about."
+)
 
-def _bottom_right(new: int, total: int) -> torch.Tensor:
-    """(new, total): query i, at position total - new + i, sees keys 0 ... that position."""
-    keys = torch.arange(total)
-    queries = torch.arange(total - new, total)[:, None]
-    return keys <= queries
+
+def _calls_the_chapter(*args):
+    """A chunk step that calls the chapter's MultiHeadAttention (refused)."""
+    MultiHeadAttention._keys_values(None, args[1], args[2], {"static": True, "k": args[1]})
+    return _step_variant(*args)
 
 
-@exercise("8.5", "Chunked prefill: several new queries after the cache")
+@exercise("8.5", "Chunked prefill: several new queries after the cache", mistakes={
+    "chunk_step": _CHUNK + [
+        Caught(_calls_the_chapter, "not with the chapter's"),
+        Caught(partial(_step_variant, replace=True, mask="top left"),
+               "append the chunk along axis 2")],
+})
 def check_chunk_step(chunk_step):
     expect_callable(chunk_step, "your step function", "check_chunk_step(chunk_step)")
-    message = (
-        "write the chunk's attention yourself (F.scaled_dot_product_attention with your "
-        "own mask is fine), not with the chapter's MultiHeadAttention: its mask is what "
-        "this exercise is about."
-    )
     generator = torch.Generator().manual_seed(85)
     for batch, heads, d_head, chunks in [
         (2, 3, 4, [3, 1, 2, 4]),
@@ -432,90 +575,61 @@ def check_chunk_step(chunk_step):
         (3, 1, 5, [5, 2]),
     ]:
         length = sum(chunks)
-        q, k, v = _sequences(generator, batch, heads, length, d_head)
-        expected = _attend(q, k, v, is_causal_mask(length))  # (B, h, L, d_head)
-        cache: dict = {}
-        start = 0
-        for n in chunks:
-            end = start + n
-            where = f"for the chunk of positions {start} ... {end - 1} (chunks {chunks})"
-            args = [x[:, :, start:end].clone() for x in (q, k, v)]
-            with refused([chunk_step], _chapter_attention(), message):
-                out = call(chunk_step, *args, cache, what="chunk_step")
-            if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
-                fail(
-                    f"after the step {where} the cache has no 'k' and 'v' entries: keep "
-                    "the keys and values of every position so far in cache['k'] and "
-                    "cache['v'], in order."
-                )
-            held = expect_tensor(cache["k"], f"cache['k'] {where}")
-            if tuple(held.shape) != (batch, heads, end, d_head) or not same(
-                held, k[:, :, :end]
-            ):
-                fail(
-                    f"cache['k'] {where} should hold the keys of positions 0 ... "
-                    f"{end - 1}, in order, shape {(batch, heads, end, d_head)}; got "
-                    f"{tuple(held.shape)}: append the chunk along axis 2."
-                )
-            out = expect_shape(out, (batch, heads, n, d_head), f"your output {where}")
-            if not same(out, expected[:, :, start:end]):
-                _diagnose_chunk(out, q, k, v, start, end, where)
-            start = end
-
-
-def _diagnose_chunk(out, q, k, v, start, end, where):
-    """Name the mistake of a chunk whose output is wrong."""
-    n = end - start
-    q_c, keys, values = q[:, :, start:end], k[:, :, :end], v[:, :, :end]
-    top_left = torch.ones(n, end, dtype=torch.bool).tril()  # is_causal=True's mask
-    if start > 0 and same(out, _attend(q_c, keys, values, top_left)):
-        fail(
-            f"your output {where} uses a causal mask aligned to the top left "
-            "(`is_causal=True`, or `tril` of an (n, L) matrix): query i then sees keys "
-            "0 ... i, as if the chunk started at position 0. The chunk's queries are the "
-            "last n positions: query i sees keys 0 ... start + i, a mask aligned to the "
-            "bottom right."
-        )
-    if n > 1 and same(out, _attend(q_c, keys, values)):
-        fail(
-            f"your output {where} lets each query of the chunk see the later positions "
-            "of the same chunk: with several new queries a mask is needed again (one "
-            "query needs none)."
-        )
-    if start > 0 and same(out, _attend(q_c, k[:, :, start:end], v[:, :, start:end],
-                                       torch.ones(n, n, dtype=torch.bool).tril())):
-        fail(
-            f"your output {where} attends within the chunk only: the cached positions "
-            "0 ... start - 1 are in every new query's past; attend over the cache and "
-            "the chunk together."
-        )
-    if same(out, _attend(q_c, keys, values, _bottom_right(n, end), scale=1.0)):
-        fail(f"your output {where} is unscaled: divide the scores by sqrt(d_head).")
-    fail(
-        f"your output {where} differs from rows {start} ... {end - 1} of causal "
-        "attention over the whole sequence."
-    )
+        q, k, v = (torch.randn(batch, heads, length, d_head, generator=generator) for _ in "qkv")
+        expected = _attend(q, k, v, _bottom_right(length, length))  # (B, h, L, d_head)
+        ends = torch.tensor(chunks).cumsum(0).tolist()
+        bounds = list(zip([0, *ends[:-1]], ends))
+        for s, out in _steps(chunk_step, "chunk_step", q, k, v, bounds, "for the chunk of "
+                             f"positions {{s.start}} ... {{s.last}} (chunks {chunks})",
+                             refuse=_CHUNK_REFUSED, missing=": keep the keys and values of "
+                             "every position so far in cache['k'] and cache['v'], in order."):
+            shape = (batch, heads, s.end, d_head)
+            if tuple(s.held.shape) != shape or not same(s.held, k[:, :, : s.end]):
+                fail(f"cache['k'] {s.where} should hold the keys of positions 0 ... "
+                     f"{s.last}, in order, shape {shape}; got {tuple(s.held.shape)}: append "
+                     "the chunk along axis 2.")
+            _check_output(out, s, expected[:, :, s.start : s.end], _CHUNK, f"rows {s.start} "
+                          f"... {s.last} of causal attention over the whole sequence")
 
 
 # ----------------------------------------------------------------------------- 8.4
 
+_GROUPED_CACHE = [
+    Mistake(lambda s: f"cache['k'] {s.where} holds {s.q.size(1)} heads, one per query head: "
+            "the keys were repeated for the query heads before they were cached, so the cache "
+            "is as large as multi-head attention's. Cache the "
+            f"{s.k.size(1)} key/value heads and repeat them only to attend.",
+            partial(_step_variant, spread="before cache"),
+            symptom=lambda held, s: s.q.size(1) != s.k.size(1) and tuple(held.shape) == (
+                *s.q.shape[:2], s.end, s.q.size(3)), expect="before they were cached"),
+]
+_GROUPED = [
+    Mistake(lambda s: f"your output {s.where} pairs query head i with key/value head "
+            f"i % {s.k.size(1)} (`repeat`, which tiles the heads): the query heads of a group "
+            f"are neighbours, head i reads key/value head i // {s.q.size(1) // s.k.size(1)} "
+            "(`repeat_interleave(..., dim=1)`).", partial(_step_variant, spread="tile"),
+            when=lambda s: s.q.size(1) // s.k.size(1) > 1 and s.k.size(1) > 1,
+            expect="repeat_interleave"),
+]
+_GROUPED_REFUSED = (
+    "write the grouped step yourself (F.scaled_dot_product_attention is fine), not with the "
+    "chapter's MultiHeadAttention, which has as many key/value heads as query heads."
+)
 
-def _grouped_reference(q, k, v):
-    """Causal grouped-query attention: query head i reads key/value head i // (h / g)."""
-    group = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return _attend(q, k, v, is_causal_mask(q.size(2)))
+
+def _forwards_to_the_chapter(*args):
+    """A grouped step that calls the chapter's MultiHeadAttention (refused)."""
+    MultiHeadAttention.forward(None, *args[:3])
+    return _step_variant(*args)
 
 
-@exercise("8.4", "A grouped-query step with a smaller cache")
+@exercise("8.4", "A grouped-query step with a smaller cache", mistakes={
+    "grouped_query_step": _GROUPED_CACHE + _GROUPED + [
+        Caught(_forwards_to_the_chapter, "not with the chapter's")],
+})
 def check_grouped_query_step(grouped_query_step):
     expect_callable(
         grouped_query_step, "your step function", "check_grouped_query_step(grouped_query_step)"
-    )
-    message = (
-        "write the grouped step yourself (F.scaled_dot_product_attention is fine), not "
-        "with the chapter's MultiHeadAttention, which has as many key/value heads as "
-        "query heads."
     )
     generator = torch.Generator().manual_seed(86)
     for batch, heads, kv_heads, length, d_head in [
@@ -525,48 +639,19 @@ def check_grouped_query_step(grouped_query_step):
         (1, 2, 2, 3, 4),  # as many key/value heads as query heads
     ]:
         q = torch.randn(batch, heads, length, d_head, generator=generator)
-        k = torch.randn(batch, kv_heads, length, d_head, generator=generator)
-        v = torch.randn(batch, kv_heads, length, d_head, generator=generator)
-        expected = _grouped_reference(q, k, v)  # (B, h, L, d_head)
-        cache: dict = {}
-        for t in range(length):
-            where = f"at step {t} ({heads} query heads, {kv_heads} key/value heads)"
-            args = [x[:, :, t : t + 1].clone() for x in (q, k, v)]
-            with refused([grouped_query_step], _chapter_attention(), message):
-                out = call(grouped_query_step, *args, cache, what="grouped_query_step")
-            if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
-                fail(f"after the step {where} the cache has no 'k' and 'v' entries.")
-            held = expect_tensor(cache["k"], f"cache['k'] {where}")
-            shape = (batch, kv_heads, t + 1, d_head)
-            if tuple(held.shape) == (batch, heads, t + 1, d_head) and heads != kv_heads:
-                fail(
-                    f"cache['k'] {where} holds {heads} heads, one per query head: the "
-                    "keys were repeated for the query heads before they were cached, so "
-                    "the cache is as large as multi-head attention's. Cache the "
-                    f"{kv_heads} key/value heads and repeat them only to attend."
-                )
-            if tuple(held.shape) != shape or not same(held, k[:, :, : t + 1]):
-                fail(
-                    f"cache['k'] {where} should hold the keys of positions 0 ... {t}, "
-                    f"shape {shape}, in order; got {tuple(held.shape)}."
-                )
-            out = expect_shape(out, (batch, heads, 1, d_head), f"your output {where}")
-            if same(out, expected[:, :, t : t + 1]):
-                continue
-            group = heads // kv_heads
-            tiled = _attend(q[:, :, t : t + 1], k[:, :, : t + 1].repeat(1, group, 1, 1),
-                            v[:, :, : t + 1].repeat(1, group, 1, 1))
-            if group > 1 and kv_heads > 1 and same(out, tiled):
-                fail(
-                    f"your output {where} pairs query head i with key/value head "
-                    f"i % {kv_heads} (`repeat`, which tiles the heads): the query heads "
-                    f"of a group are neighbours, head i reads key/value head i // "
-                    f"{group} (`repeat_interleave(..., dim=1)`)."
-                )
-            fail(
-                f"your output {where} differs from attention of each query head over "
-                "its group's cached keys and values."
-            )
+        k, v = (torch.randn(batch, kv_heads, length, d_head, generator=generator) for _ in "kv")
+        causal = _bottom_right(length, length)  # query head i reads key/value head i // group
+        expected = _attend(q, *(x.repeat_interleave(heads // kv_heads, 1) for x in (k, v)), causal)
+        for s, out in _steps(grouped_query_step, "grouped_query_step", q, k, v,
+                             _one_at_a_time(length), f"at step {{s.index}} ({heads} query "
+                             f"heads, {kv_heads} key/value heads)", refuse=_GROUPED_REFUSED):
+            shape = (batch, kv_heads, s.end, d_head)
+            if tuple(s.held.shape) != shape or not same(s.held, k[:, :, : s.end]):
+                name_mistake(s.held, _GROUPED_CACHE, s)
+                fail(f"cache['k'] {s.where} should hold the keys of positions 0 ... "
+                     f"{s.last}, shape {shape}, in order; got {tuple(s.held.shape)}.")
+            _check_output(out, s, expected[:, :, s.start : s.end], _GROUPED, "attention of "
+                          "each query head over its group's cached keys and values")
 
 
 # ----------------------------------------------------------------------------- 8.6
