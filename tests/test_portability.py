@@ -65,7 +65,8 @@ def test_a_claim_true_on_one_kernel_level_only_fails(tmp_path):
     """Guard: the run really uses the level asked for, so such a claim is caught."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(
-        "import torch\nassert torch.backends.cpu.get_cpu_capability() != 'DEFAULT'"
+        "import torch\n" + "\n" * 10  # line 12: IPython marks it "--->", not "---->"
+        + "assert torch.backends.cpu.get_cpu_capability() != 'DEFAULT'"
     )]
     path = tmp_path / "claim.ipynb"
     nbformat.write(nb, path)

@@ -66,7 +66,7 @@ def run(path: str, limit: int):
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         what = next((line for line in reversed(lines) if "Error" in line),
                     lines[-1] if lines else type(result.err).__name__)
-        where = next((line for line in reversed(lines) if "---->" in line), "")
+        where = next((line for line in reversed(lines) if re.match(r"\s*-+>\s*\d+", line)), "")
         where = re.sub(r"^-+>\s*\d*\s*", "", where)
         error = f"{what} (at: {where})" if where else what
     return nb, result.time, error[:300] if error else None

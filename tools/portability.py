@@ -100,7 +100,7 @@ def run_one(
         lines = [line for line in text.splitlines() if line.strip()]
         where = next((line for line in reversed(lines) if "Error" in line), lines[-1])
         # the failing line of the cell (IPython marks it with an arrow)
-        line = next((line for line in reversed(lines) if "---->" in line), "")
+        line = next((line for line in reversed(lines) if re.match(r"\s*-+>\s*\d+", line)), "")
         line = re.sub(r"^\s*-+>\s*\d*\s*", "", line).strip()
         return False, time.perf_counter() - start, f"{where[:200]} at: {line[:200]}"
     except (CellTimeoutError, DeadKernelError, TimeoutError) as error:
