@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import nullcontext
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -195,18 +196,38 @@ def _ring_variant(query, key, value, cache, window, *, fill="empty", span=0, slo
     return _attend(query, cache["k"][:, :, :filled], cache["v"][:, :, :filled], mask)
 
 
-_RING = [
+def _unfilled(c) -> str:
+    return (f"your output {c.where} attends over slots that hold no position yet (only "
+            f"{c.t + 1} of the {c.window} are written): attend over the filled slots only until "
+            "the window is full.")
+
+
+_RING = [  # the outputs' mistakes, tried in this order on step c.t of a case c
+    Mistake(_unfilled, partial(_ring_variant, fill="zeros"), when=lambda c: c.t < c.window - 1,
+            expect="attends over slots that hold no position yet"),
+    Mistake(lambda c: f"your output {c.where} attends to the oldest key only: a causal mask was "
+            "applied to a one-query step (`tril` of a (1, n) matrix keeps column 0). The one new "
+            "query is the latest position and may see every key in the window: no mask.",
+            partial(_ring_variant, order="masked"), when=lambda c: 0 < c.t < c.window,
+            expect="a causal mask was applied to a one-query"),
+    Mistake(lambda c: f"your output {c.where} is attention computed before its own key and value "
+            "were written: write the new position into its slot first; a query always sees "
+            "itself.", partial(_ring_variant, order="attend first"),
+            expect="before its own key and value were written"),
     Caught(partial(_ring_variant, slot="cat"), "allocate all 3 slots on the first step"),
     Caught(partial(_ring_variant, in_place=False), r"cache\['k'\] was reallocated at step 1"),
-    Caught(partial(_ring_variant, fill="zeros"),
-           "attends over slots that hold no position yet"),
     Caught(partial(_ring_variant, span=1), "one slot too many"),
     Caught(partial(_ring_variant, span=-1), "one slot too few"),
     Caught(partial(_ring_variant, slot="t"), r"slot t % window"),
-    Caught(partial(_ring_variant, order="attend first"),
-           "before its own key and value were written"),
-    Caught(partial(_ring_variant, order="masked"), "a causal mask was applied to a one-query"),
 ]
+
+
+def _ring_replay(step, c):
+    """The output of ``step`` at step c.t, run over steps 0 ... c.t from an empty cache."""
+    cache: dict = {}
+    for p in range(c.t + 1):
+        out = step(*(x[:, :, p : p + 1].clone() for x in (c.q, c.k, c.v)), cache, c.window)
+    return out
 
 
 def _expect_ring(cache, k, t: int, window: int, where: str) -> None:
@@ -264,30 +285,12 @@ def check_ring_window_step(ring_window_step):
             expected = _attend(q[:, :, t : t + 1], _window(k, t, window), _window(v, t, window))
             if same(out, expected):
                 continue
-            if t < window - 1:
-                pad = torch.zeros(batch, heads, window - t - 1, d_head)
-                zeros = _attend(q[:, :, t : t + 1], torch.cat([k[:, :, : t + 1], pad], 2),
-                                torch.cat([v[:, :, : t + 1], pad], 2))
-                if same(out, zeros) or not torch.isfinite(out).all():
-                    fail(f"your output {where} attends over slots that hold no position yet "
-                         f"(only {t + 1} of the {window} are written): attend over the "
-                         "filled slots only until the window is full.")
-            if t > 0 and t < window:
-                first = torch.ones(1, t + 1, dtype=torch.bool).tril()  # (1, n): column 0
-                if same(out, _attend(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1],
-                                     first)):
-                    fail(f"your output {where} attends to the oldest key only: a causal mask "
-                         "was applied to a one-query step (`tril` of a (1, n) matrix keeps "
-                         "column 0). The one new query is the latest position and may see "
-                         "every key in the window: no mask.")
-            before = _attend(q[:, :, t : t + 1], _window(k, t - 1, window),
-                             _window(v, t - 1, window)) if t else torch.zeros_like(out)
-            if same(out, before):
-                fail(f"your output {where} is attention computed before its own key and "
-                     "value were written: write the new position into its slot first; a "
-                     "query always sees itself.")
-            fail(f"your output {where} differs from attention over the last "
-                 f"min(t + 1, {window}) positions.")
+            c = SimpleNamespace(q=q, k=k, v=v, t=t, window=window, where=where)
+            if t < window - 1 and not torch.isfinite(out).all():
+                fail(_unfilled(c))
+            name_mistake(out, _RING, c, run=lambda wrong, c=c: _ring_replay(wrong, c),
+                         general=f"your output {where} differs from attention over the last "
+                         f"min(t + 1, {window}) positions.")
 
 
 # ----------------------------------------------------------------------------- 8.2
