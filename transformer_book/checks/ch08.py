@@ -9,6 +9,7 @@ mistake whose cache or output the student's equals.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from contextlib import nullcontext
 from functools import partial
@@ -470,14 +471,37 @@ def _reorder_variant(cache, beams, *, skip=(), axis=0, scatter=False, numbers=Fa
             cache[key] = value.index_select(0, beams)
 
 
-_REORDER = [
+_REORDER = [  # tried in this order on each tensor of the cache (case c), by its path
+    Mistake(lambda c: f"{c.name} was not reordered {c.where}: every tensor of the cache has one "
+            "row per sequence" + ("; cross-attention's keys and values come from each row's "
+                                  "source, so they follow the rows too" if c.cross else "") + ".",
+            lambda cache, beams: cache, expect="was not reordered"),
+    Mistake(lambda c: f"{c.name} {c.where}: you reordered the heads (axis 1); the sequences are "
+            "axis 0, (batch, heads, L, d_head).", partial(_reorder_variant, axis=1),
+            when=lambda c: c.old.dim() > 2, expect="reordered the heads"),
+    Mistake(lambda c: f"{c.name} {c.where}: row b's cache was scattered to row beams[b]; row b "
+            "must receive the cache of its parent, row beams[b] (`index_select(0, beams)`).",
+            partial(_reorder_variant, scatter=True),
+            when=lambda c: len(set(c.beams.tolist())) == len(c.beams), expect="scattered"),
     Caught(partial(_reorder_variant, skip=("cross",)), r"\['cross'\]\['k'\] was not reordered"),
     Caught(partial(_reorder_variant, skip=("real",)), r"cache\['real'\] was not reordered"),
     Caught(partial(_reorder_variant, skip=("v",)), r"\['self'\]\['v'\] was not reordered"),
-    Caught(partial(_reorder_variant, axis=1), "reordered the heads"),
-    Caught(partial(_reorder_variant, scatter=True), "scattered"),
     Caught(partial(_reorder_variant, numbers=True), "plain numbers"),
 ]
+
+
+def _entry(cache, path):
+    for key in path:
+        cache = cache.get(key) if isinstance(cache, dict) else None
+    return cache
+
+
+def _reordered_by(reorder, c):
+    """The tensor at c.path after ``reorder`` ran on a copy of the cache c.cache (bool as float)."""
+    cache = copy.deepcopy(c.cache)
+    result = reorder(cache, c.beams.clone())
+    got = _entry(result if isinstance(result, dict) else cache, c.path)
+    return got.float() if got.dtype == torch.bool else got
 
 
 @exercise("8.3", "Reordering the cache for beam search", mistakes={"reorder_cache": _REORDER})
@@ -500,36 +524,21 @@ def check_reorder_cache(reorder_cache):
             memory = model.encode(src)
             cache: dict = {"capacity": capacity}
             model.decode(prefix, memory, src, cache)
-            before = {path: value.clone() for path, value in _tensors(cache)}
+            original = copy.deepcopy(cache)
             result = call(reorder_cache, cache, beams.clone(), what="reorder_cache",
                           hints=hints)
             if isinstance(result, dict):
                 cache = result
-            for path, old in before.items():
-                got = cache
-                for key in path:
-                    got = got.get(key) if isinstance(got, dict) else None
-                got = expect_tensor(got, f"{_path_name(path)} after your call {where}")
-                old = old.float() if old.dtype == torch.bool else old  # compared as numbers
-                if same(got, old.index_select(0, beams), equal_nan=True):
-                    continue
-                if same(got, old, equal_nan=True):
-                    part = ("; cross-attention's keys and values come from each row's "
-                            "source, so they follow the rows too" if "cross" in path else "")
-                    fail(f"{_path_name(path)} was not reordered {where}: every tensor of the "
-                         f"cache has one row per sequence{part}.")
-                if old.dim() > 2 and same(got, old.index_select(1, beams), equal_nan=True):
-                    fail(f"{_path_name(path)} {where}: you reordered the heads (axis 1); the "
-                         "sequences are axis 0, (batch, heads, L, d_head).")
-                scattered = old.clone()
-                scattered[beams] = old
-                if len(set(beams.tolist())) == len(beams) and same(got, scattered,
-                                                                    equal_nan=True):
-                    fail(f"{_path_name(path)} {where}: row b's cache was scattered to row "
-                         "beams[b]; row b must receive the cache of its parent, row beams[b] "
-                         "(`index_select(0, beams)`).")
-                fail(f"{_path_name(path)} {where} should hold row beams[b] of the old tensor in "
-                     "row b.")
+            for path, old in _tensors(original):
+                c = SimpleNamespace(path=path, name=_path_name(path), where=where, beams=beams,
+                                    cross="cross" in path, cache=original,
+                                    old=old.float() if old.dtype == torch.bool else old)
+                got = expect_tensor(_entry(cache, path), f"{c.name} after your call {where}")
+                if not same(got, c.old.index_select(0, beams), equal_nan=True):
+                    name_mistake(got, _REORDER, c, equal_nan=True,
+                                 run=lambda wrong, c=c: _reordered_by(wrong, c),
+                                 general=f"{c.name} {where} should hold row beams[b] of the old "
+                                 "tensor in row b.")
 
 
 # ----------------------------------------------------------------------------- 8.5
