@@ -59,10 +59,8 @@ def _param(module, name: str, shape, init: float, cls_name: str):
     if tuple(value.shape) != tuple(shape):
         fail(f"{cls_name}.{name} has shape {tuple(value.shape)}, expected {tuple(shape)} (one value per feature).")
     if not torch.equal(value.detach(), torch.full(tuple(shape), float(init), dtype=value.dtype)):
-        fail(
-            f"{cls_name}.{name} should start at {'ones' if init == 1 else 'zeros'}, so that a fresh "
-            "layer only normalizes; it starts at other values."
-        )
+        fail(f"{cls_name}.{name} should start at {'ones' if init == 1 else 'zeros'}, so that a "
+             "fresh layer only normalizes; it starts at other values.")
     return value
 
 
@@ -534,19 +532,13 @@ def _buffer(module, name: str, num_features: int, init: float):
     buffers = dict(module.named_buffers(recurse=False))
     value = getattr(module, name, None)
     if not isinstance(value, torch.Tensor):
-        fail(
-            f"BatchNorm1d has no `{name}`: create it in __init__ with "
-            f"self.register_buffer('{name}', torch.{'ones' if init == 1 else 'zeros'}({num_features}))."
-        )
+        fail(f"BatchNorm1d has no `{name}`: create it in __init__ with self.register_buffer("
+             f"'{name}', torch.{'ones' if init == 1 else 'zeros'}({num_features})).")
     if name not in buffers:
-        fail(
-            f"BatchNorm1d.{name} is not a buffer: register it with self.register_buffer('{name}', ...) "
-            "so that it is saved in the state_dict and moves with .to(device), without being "
-            "trained (a running statistic is not an nn.Parameter)."
-        )
-    if tuple(value.shape) != (num_features,) or not torch.equal(
-        value, torch.full((num_features,), float(init), dtype=value.dtype)
-    ):
+        fail(f"BatchNorm1d.{name} is not a buffer: register it with self.register_buffer("
+             f"'{name}', ...) so that it is saved in the state_dict and moves with .to(device), "
+             "without being trained (a running statistic is not an nn.Parameter).")
+    if not same(value, torch.full((num_features,), float(init)), atol=0, rtol=0):
         fail(f"BatchNorm1d.{name} should start as {'ones' if init == 1 else 'zeros'} of shape ({num_features},).")
     return value
 
@@ -932,12 +924,9 @@ def _scaled_dropout(ScaledAddNorm, d: int) -> None:  # noqa: N803
     block.eval()
     with torch.no_grad():
         y = call(block, x, s, what="ScaledAddNorm in eval mode")
-    expect_close(
-        y,
-        reference,
-        "with dropout=0.5, in eval mode, ScaledAddNorm differs from LayerNorm(alpha * x + s): is "
-        "dropout still active after .eval()? Use nn.Dropout (or F.dropout(..., training=self.training))",
-    )
+    expect_close(y, reference, "with dropout=0.5, in eval mode, ScaledAddNorm differs from "
+                 "LayerNorm(alpha * x + s): is dropout still active after .eval()? Use nn.Dropout "
+                 "(or F.dropout(..., training=self.training))")
     block.train()
     with torch.no_grad():
         zero = call(block, x, torch.zeros_like(s), what="ScaledAddNorm in training mode")

@@ -278,10 +278,9 @@ def check_ring_window_step(ring_window_step):
             if address is None:
                 address = cache["k"].data_ptr(), cache["v"].data_ptr()
             elif (cache["k"].data_ptr(), cache["v"].data_ptr()) != address:
-                fail(f"cache['k'] was reallocated at step {t}: allocate the window's "
-                     "slots once, on the first step, and write each new position into its "
-                     "slot in place (`cache['k'][:, :, slot] = ...`), without torch.cat or "
-                     "a slice that copies.")
+                fail(f"cache['k'] was reallocated at step {t}: allocate the window's slots once, "
+                     "on the first step, and write each new position into its slot in place "
+                     "(`cache['k'][:, :, slot] = ...`), without torch.cat or a slice that copies.")
             out = expect_shape(out, (batch, heads, 1, d_head), f"your output {where}")
             expected = _attend(q[:, :, t : t + 1], _window(k, t, window), _window(v, t, window))
             if same(out, expected):
