@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from operator import itemgetter
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +61,8 @@ def _unpack(result, what: str, out_shape=None, weights_shape=None):
     output, weights = result
     expect_tensor(output, f"the first thing {what} returns (the output)")
     expect_tensor(weights, f"the second thing {what} returns (the attention weights)")
-    if (
-        out_shape is not None
-        and tuple(out_shape) != tuple(weights_shape)
-        and tuple(output.shape) == tuple(weights_shape)
-        and tuple(weights.shape) == tuple(out_shape)
-    ):
+    if out_shape is not None and tuple(out_shape) != tuple(weights_shape) and (
+            tuple(output.shape), tuple(weights.shape)) == (tuple(weights_shape), tuple(out_shape)):
         fail(f"{what} returned (weights, output): return them in the order (output, weights).")
     return output, weights
 
@@ -105,14 +102,7 @@ def _rows_sum_message(weights: torch.Tensor) -> str | None:
     return None
 
 
-def _output(pair):
-    return pair[0]
-
-
-def _weights(pair):
-    return pair[1]
-
-
+_OUTPUT, _WEIGHTS = itemgetter(0), itemgetter(1)  # the parts of an (output, weights) pair
 _OVERFLOW = ("with scores in the hundreds, exp overflows to inf and inf / inf is NaN: use "
              "torch.softmax, which subtracts each row's max before exp.")
 
@@ -252,9 +242,9 @@ def _additive_case(additive_attention, case, dtype):
     general = _rows_sum_message(weights) or (
         "Your attention weights differ from the reference weights "
         "softmax_j(w_s . tanh(W_q q_i + W_k k_j)).")
-    _diagnose(weights, ref_w, _ADDITIVE_WEIGHTS, args, general, _weights)
+    _diagnose(weights, ref_w, _ADDITIVE_WEIGHTS, args, general, _WEIGHTS)
     _diagnose(output, ref_out, _ADDITIVE_OUTPUT, args,
-              "Your weights are right but the output differs from weights @ value.", _output)
+              "Your weights are right but the output differs from weights @ value.", _OUTPUT)
 
 
 # ------------------------------------------------------ exercise 1.2: attention pooling
@@ -368,9 +358,8 @@ _POOL_CAUGHT = [
 @exercise("1.2", "Attention pooling",
           mistakes={"attention_pool": _POOL_WEIGHTS + _POOL_OUTPUT + _POOL_CAUGHT})
 def check_attention_pool(attention_pool):
-    expect_callable(
-        attention_pool, "your attention pooling function", "check_attention_pool(attention_pool)"
-    )
+    expect_callable(attention_pool, "your attention pooling function",
+                    "check_attention_pool(attention_pool)")
     generator = torch.Generator().manual_seed(12)
     for number, case in enumerate(_pool_cases(generator)):
         _pool_case(attention_pool, case, torch.float64 if number == 4 else torch.float32)
@@ -389,10 +378,7 @@ def _pool_invariance(attention_pool, inputs):
     moved, moved_w = _unpack(call(attention_pool, x[..., perm, :], *rest, what=what), what)
     if moved.shape != pooled.shape or moved_w.shape != weights.shape:
         return
-    if not (
-        torch.allclose(moved, pooled, atol=1e-5, rtol=1e-4)
-        and torch.allclose(moved_w, weights[..., perm], atol=1e-5, rtol=1e-4)
-    ):
+    if not (same(moved, pooled) and same(moved_w, weights[..., perm])):
         fail("Reordering the tokens of x changes your pooled vector (or does not move the "
              "weights with the tokens): attention pooling is a weighted mean over the tokens, "
              "so it must not depend on their order. Is a position-dependent term involved?")
@@ -436,9 +422,9 @@ def _pool_case(attention_pool, case, dtype):
         else "Your weights do not sum to 1 over the tokens (the last axis): is the softmax "
         "missing, or taken over the wrong dim?"
     )
-    _diagnose(weights, ref_w, _POOL_WEIGHTS, args, general, _weights)
+    _diagnose(weights, ref_w, _POOL_WEIGHTS, args, general, _WEIGHTS)
     _diagnose(pooled, ref_pooled, _POOL_OUTPUT, args, "Your weights are right but the pooled "
-              "vector differs from sum_j weights_j v_j with v_j = x_j @ w_v.T.", _output)
+              "vector differs from sum_j weights_j v_j with v_j = x_j @ w_v.T.", _OUTPUT)
 
 
 # ------------------------------------------ exercise 1.3: positions break the symmetry

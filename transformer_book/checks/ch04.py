@@ -268,9 +268,8 @@ def _packed_leaks(got, expected, segment_ids, where) -> None:
 
 @exercise("4.2", "A decoder mask for packed sequences", mistakes={"packed_causal_mask": _PACKED})
 def check_packed_causal_mask(packed_causal_mask):
-    expect_callable(
-        packed_causal_mask, "your mask function", "check_packed_causal_mask(packed_causal_mask)"
-    )
+    expect_callable(packed_causal_mask, "your mask function",
+                    "check_packed_causal_mask(packed_causal_mask)")
     generator = torch.Generator().manual_seed(4)
     cases = [
         _segments((3, 2, 2), (2, 4, 1)),  # two documents per row, different layouts

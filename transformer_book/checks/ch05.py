@@ -269,9 +269,8 @@ def _check_block_gradients(block, x, where: str) -> None:
 @exercise("5.1", "A residual MLP block that starts as the identity",
           mistakes={"block_class": _BLOCK + _BLOCK_CAUGHT})
 def check_residual_mlp_block(block_class):
-    expect_class(
-        block_class, nn.Module, "your block class", "check_residual_mlp_block(ResidualMLPBlock)"
-    )
+    expect_class(block_class, nn.Module, "your block class",
+                 "check_residual_mlp_block(ResidualMLPBlock)")
     for case, (d_model, hidden, shape) in enumerate(_BLOCK_CASES):
         where = f"ResidualMLPBlock({d_model}, {hidden})"
         torch.manual_seed(case)
@@ -442,9 +441,8 @@ def _probe_models():
         # An embedding, a norm and a sublayer used in a residual step, a head, and a layer
         # the loss never uses (its norm is 0).
         torch.manual_seed(1)
-        layers = nn.ModuleList(
-            [nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 6), nn.Linear(6, 4), nn.Linear(6, 6)]
-        ).to(dtype)
+        layers = nn.ModuleList([nn.Linear(6, 6), nn.LayerNorm(6), nn.Linear(6, 6),
+                                nn.Linear(6, 4), nn.Linear(6, 6)]).to(dtype)
 
         def loss(x):
             h = layers[0](x)  # (n, 6)
@@ -592,9 +590,8 @@ def _probe_case(gradient_norms, layers, loss_fn, x, stale: bool, case: int) -> N
 
 @exercise("5.3", "A per-layer gradient-norm probe", mistakes={"gradient_norms": _PROBE})
 def check_gradient_norms(gradient_norms):
-    expect_callable(
-        gradient_norms, "your gradient-norm function", "check_gradient_norms(gradient_norms)"
-    )
+    expect_callable(gradient_norms, "your gradient-norm function",
+                    "check_gradient_norms(gradient_norms)")
     for case, (layers, loss_fn, shape, dtype) in enumerate(_probe_models()):
         x = _input(shape, seed=300 + case, dtype=dtype)
         for stale in (False, True):

@@ -59,10 +59,8 @@ def _param(module, name: str, shape, init: float, cls_name: str):
     if tuple(value.shape) != tuple(shape):
         fail(f"{cls_name}.{name} has shape {tuple(value.shape)}, expected {tuple(shape)} (one value per feature).")
     if not torch.equal(value.detach(), torch.full(tuple(shape), float(init), dtype=value.dtype)):
-        fail(
-            f"{cls_name}.{name} should start at {'ones' if init == 1 else 'zeros'}, so that a fresh "
-            "layer only normalizes; it starts at other values."
-        )
+        fail(f"{cls_name}.{name} should start at {'ones' if init == 1 else 'zeros'}, so that a "
+             "fresh layer only normalizes; it starts at other values.")
     return value
 
 
@@ -342,9 +340,10 @@ class _BatchNorm(nn.Module):
             self.running_var.mul_(1 - m).add_(m * var * n / (n - 1))
 
     def normalize(self, x, mean, var):
-        s = (1, -1) if x.dim() == 2 else (1, -1, 1)
-        x_hat = (x - mean.view(s)) / torch.sqrt(var.view(s) + self.eps)
-        return x_hat * self.weight.view(s) + self.bias.view(s)
+        return self.affine(x, (x - _bn_view(mean, x)) / torch.sqrt(_bn_view(var, x) + self.eps))
+
+    def affine(self, x, x_hat):
+        return x_hat * _bn_view(self.weight, x) + _bn_view(self.bias, x)
 
     def forward(self, x):
         if not self.training:
@@ -375,23 +374,21 @@ def _per_position(self, x):
     if x.dim() == 2:
         return self.normalize(x, *self.batch_stats(x))
     mean, var = x.mean(dim=0), x.var(dim=0, correction=0)  # (C, L): per feature and position
-    return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)
+    return self.affine(x, (x - mean) / torch.sqrt(var + self.eps))
 
 
 def _over_features(self, x):
     mean, var = x.mean(dim=1, keepdim=True), x.var(dim=1, keepdim=True, correction=0)
-    s = (1, -1) if x.dim() == 2 else (1, -1, 1)
-    return (x - mean) / torch.sqrt(var + self.eps) * self.weight.view(s) + self.bias.view(s)
+    return self.affine(x, (x - mean) / torch.sqrt(var + self.eps))
 
 
 def _bn_eps(outside: bool):
     """A BatchNorm1d with eps outside the root, or only where the variance is 0."""
 
     def normalize(self, x, mean, var):
-        s = (1, -1) if x.dim() == 2 else (1, -1, 1)
-        mean, var = mean.view(s), var.view(s)
-        x_hat = (x - mean) / ((var.sqrt() + self.eps) if outside else torch.sqrt(var + self.eps * (var == 0)))
-        return x_hat * self.weight.view(s) + self.bias.view(s)
+        mean, var = _bn_view(mean, x), _bn_view(var, x)
+        root = var.sqrt() + self.eps if outside else torch.sqrt(var + self.eps * (var == 0))
+        return self.affine(x, (x - mean) / root)
 
     return _bn(normalize=normalize)
 
@@ -483,8 +480,7 @@ _EPS_BN = [
 
 
 def _bn_no_eps(self, x, mean, var):
-    s = (1, -1) if x.dim() == 2 else (1, -1, 1)
-    return (x - mean.view(s)) / torch.sqrt(var.view(s)) * self.weight.view(s) + self.bias.view(s)
+    return self.affine(x, (x - _bn_view(mean, x)) / torch.sqrt(_bn_view(var, x)))
 
 
 def _bn_updates_in_eval(self, x):
@@ -536,19 +532,13 @@ def _buffer(module, name: str, num_features: int, init: float):
     buffers = dict(module.named_buffers(recurse=False))
     value = getattr(module, name, None)
     if not isinstance(value, torch.Tensor):
-        fail(
-            f"BatchNorm1d has no `{name}`: create it in __init__ with "
-            f"self.register_buffer('{name}', torch.{'ones' if init == 1 else 'zeros'}({num_features}))."
-        )
+        fail(f"BatchNorm1d has no `{name}`: create it in __init__ with self.register_buffer("
+             f"'{name}', torch.{'ones' if init == 1 else 'zeros'}({num_features})).")
     if name not in buffers:
-        fail(
-            f"BatchNorm1d.{name} is not a buffer: register it with self.register_buffer('{name}', ...) "
-            "so that it is saved in the state_dict and moves with .to(device), without being "
-            "trained (a running statistic is not an nn.Parameter)."
-        )
-    if tuple(value.shape) != (num_features,) or not torch.equal(
-        value, torch.full((num_features,), float(init), dtype=value.dtype)
-    ):
+        fail(f"BatchNorm1d.{name} is not a buffer: register it with self.register_buffer("
+             f"'{name}', ...) so that it is saved in the state_dict and moves with .to(device), "
+             "without being trained (a running statistic is not an nn.Parameter).")
+    if not same(value, torch.full((num_features,), float(init)), atol=0, rtol=0):
         fail(f"BatchNorm1d.{name} should start as {'ones' if init == 1 else 'zeros'} of shape ({num_features},).")
     return value
 
@@ -565,9 +555,8 @@ def _bn_train_step(student, reference, weight, bias, x, momentum, eps, what, arg
         expect_close(y, expected.detach().double(), f"{what}: your output differs from "
                      "nn.BatchNorm1d's")
     upstream = randn(*x.shape, seed=90 + step)
-    _expect_graph(y, what)
-    mine = torch.autograd.grad((y * upstream).sum(), (x, weight, bias), allow_unused=True)
-    theirs = torch.autograd.grad((expected * upstream).sum(), (x, reference.weight, reference.bias))
+    mine = _grads(lambda: y, (x, weight, bias), upstream, what)
+    theirs = _grads(lambda: expected, (x, reference.weight, reference.bias), upstream, what)
     if mine[0] is not None and not same(mine[0], theirs[0], atol=1e-4, rtol=1e-3) and same(
         mine[1], theirs[1], atol=1e-4, rtol=1e-3
     ):
@@ -935,12 +924,9 @@ def _scaled_dropout(ScaledAddNorm, d: int) -> None:  # noqa: N803
     block.eval()
     with torch.no_grad():
         y = call(block, x, s, what="ScaledAddNorm in eval mode")
-    expect_close(
-        y,
-        reference,
-        "with dropout=0.5, in eval mode, ScaledAddNorm differs from LayerNorm(alpha * x + s): is "
-        "dropout still active after .eval()? Use nn.Dropout (or F.dropout(..., training=self.training))",
-    )
+    expect_close(y, reference, "with dropout=0.5, in eval mode, ScaledAddNorm differs from "
+                 "LayerNorm(alpha * x + s): is dropout still active after .eval()? Use nn.Dropout "
+                 "(or F.dropout(..., training=self.training))")
     block.train()
     with torch.no_grad():
         zero = call(block, x, torch.zeros_like(s), what="ScaledAddNorm in training mode")

@@ -48,20 +48,11 @@ _cross_entropy = F.cross_entropy
 # ----------------------------------------------------------------------------- exercise 7.1
 
 
-def _angles(positions: torch.Tensor, d_model: int, base: float, exponent) -> torch.Tensor:
-    """(..., d_model // 2) angles p / base**(exponent(i) / d_model), in float64."""
-    i = torch.arange(d_model // 2, dtype=torch.float64)  # (d_model/2,)
-    return positions.to(torch.float64)[..., None] / base ** (exponent(i) / d_model)
-
-
-def _interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
-    """Columns even[0], odd[0], even[1], odd[1], ...: (..., d/2) twice -> (..., d)."""
-    return torch.stack([even, odd], dim=-1).flatten(-2)
-
-
 def _reference_encoding(positions: torch.Tensor, d_model: int, base: float) -> torch.Tensor:
-    angle = _angles(positions, d_model, base, lambda i: 2 * i)
-    return _interleave(angle.sin(), angle.cos())  # (..., d_model), float64
+    """PE[p, 2i] = sin(p / base^(2i/d_model)), PE[p, 2i+1] = cos of the same angle, in float64."""
+    i = torch.arange(d_model // 2, dtype=torch.float64)  # (d_model/2,)
+    angle = positions.to(torch.float64)[..., None] / base ** (2 * i / d_model)  # (..., d_model/2)
+    return torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(-2)  # (..., d_model)
 
 
 def _encoding_variant(positions, d_model, base=10000.0, *, order="interleave", exponent="2i",
@@ -83,11 +74,6 @@ def _encoding_variant(positions, d_model, base=10000.0, *, order="interleave", e
         return torch.stack([angle.cos(), angle.sin()], dim=-1).flatten(-2)
     halves = [angle.sin(), angle.cos()] if order == "sin|cos" else [angle.cos(), angle.sin()]
     return torch.cat(halves, dim=-1)
-
-
-def _as_float64(wrong):
-    """A wrong encoding run in float64, so that only its mistake differs from the reference."""
-    return lambda positions, d_model, base: wrong(positions.double(), d_model, base)
 
 
 _ENCODING = [
@@ -126,19 +112,16 @@ _ENCODING_CAUGHT = [
 
 
 def _call_encoding(encoding, positions: torch.Tensor, d_model: int, base: float | None):
+    """The student's table, the reference table and the call's label, after the properties:
+    the input unchanged, the shape, float32 for integer positions, a floating input's dtype."""
     before = positions.clone()
     kwargs = {} if base is None else {"base": base}
-    label = f"sinusoidal_encoding(positions of shape {tuple(positions.shape)}, {d_model}" + (
-        ")" if base is None else f", base={base})"
-    )
+    label = (f"sinusoidal_encoding(positions of shape {tuple(positions.shape)}, {d_model}"
+             + (")" if base is None else f", base={base})"))
     table = call(encoding, positions, d_model, what=label, **kwargs)
     expect_unchanged(before, positions, "positions")
-    table = expect_tensor(table, f"the result of {label}")
-    return table, label
-
-
-def _encoding_dtype(table, positions, label) -> None:
-    """float32 for integer positions; a floating input keeps its dtype."""
+    expected = _reference_encoding(positions, d_model, 10000.0 if base is None else base)
+    table = expect_shape(table, expected.shape, f"the result of {label}")
     if positions.is_floating_point():
         name = str(positions.dtype).replace("torch.", "")
         expect_dtype(table, positions.dtype, f"{label} returns {table.dtype} for {name} positions: "
@@ -147,6 +130,7 @@ def _encoding_dtype(table, positions, label) -> None:
     elif table.dtype != torch.float32:
         fail(f"{label} returns {table.dtype} for integer positions: return float32, the "
              "dtype of the model's embeddings (e.g. positions.float() before the maths).")
+    return table, expected, label
 
 
 @exercise("7.1", "Sinusoidal positions for any position tensor",
@@ -166,10 +150,7 @@ def check_sinusoidal_encoding(sinusoidal_encoding):
         (torch.tensor([0.5, 1.25, 7.75, 100.5]), 6, None),  # fractional float32 positions
     ]
     for positions, d_model, base in cases:
-        table, label = _call_encoding(sinusoidal_encoding, positions, d_model, base)
-        expected = _reference_encoding(positions, d_model, 10000.0 if base is None else base)
-        expect_shape(table, expected.shape, f"the result of {label}")
-        _encoding_dtype(table, positions, label)
+        table, expected, label = _call_encoding(sinusoidal_encoding, positions, d_model, base)
         if same(table, expected, atol=1e-4, rtol=1e-4):
             continue
         if not torch.isfinite(table).all():
@@ -181,10 +162,7 @@ def check_sinusoidal_encoding(sinusoidal_encoding):
 
     # float64 positions: float64 all the way, to float64 precision, far into the table.
     positions = torch.arange(0, 3000, 7, dtype=torch.float64)
-    table, label = _call_encoding(sinusoidal_encoding, positions, 12, None)
-    expected = _reference_encoding(positions, 12, 10000.0)
-    expect_shape(table, expected.shape, f"the result of {label}")
-    _encoding_dtype(table, positions, label)
+    table, expected, label = _call_encoding(sinusoidal_encoding, positions, 12, None)
     if not same(table, expected, atol=1e-10, rtol=1e-10):
         if same(table, expected, atol=1e-3, rtol=1e-3):
             fail(f"{label} agrees with the reference only to float32 precision, not to "
@@ -275,7 +253,7 @@ def _kept(logits, target, ignore_index, dim=-1, log_of_softmax=False):
 
 
 def _loss_args(wrong):
-    """A loss with every argument given (as the check passes them to the mistakes)."""
+    """``wrong(logits, target, smoothing, ignore_index)`` with the student's signature."""
     return lambda logits, target, smoothing=0.1, ignore_index=-100: wrong(
         logits, target, smoothing, ignore_index)
 
@@ -324,23 +302,23 @@ _LOSS = [  # run on the case in float64, in this order
                 logits, target, 0.1, ignore_index)), expect="smoothing argument is ignored"),
 ]
 _LOSS_CAUGHT = [
-    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: _right_terms(
-        *_kept(logits, target, ignore_index, log_of_softmax=True), smoothing, ignore_index).mean(),
+    Caught(_loss_args(lambda logits, target, smoothing, index: _right_terms(
+        *_kept(logits, target, index, log_of_softmax=True), smoothing, index).mean()),
         "use log_softmax"),
-    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: F.cross_entropy(
+    Caught(_loss_args(lambda logits, target, smoothing, index: F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), target.reshape(-1), label_smoothing=smoothing,
-        ignore_index=ignore_index), "calls F.cross_entropy"),
-    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: nn.CrossEntropyLoss(
-        ignore_index=ignore_index, label_smoothing=smoothing)(
-        logits.reshape(-1, logits.size(-1)), target.reshape(-1)), "calls F.cross_entropy"),
-    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: _right_terms(
+        ignore_index=index)), "calls F.cross_entropy"),
+    Caught(_loss_args(lambda logits, target, smoothing, index: nn.CrossEntropyLoss(
+        ignore_index=index, label_smoothing=smoothing)(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1))), "calls F.cross_entropy"),
+    Caught(_loss_args(lambda logits, target, smoothing, index: _right_terms(
         logits.reshape(-1, logits.size(-1)).log_softmax(-1),
-        target.reshape(-1).clamp(0, logits.size(-1) - 1), smoothing, ignore_index),
+        target.reshape(-1).clamp(0, logits.size(-1) - 1), smoothing, index)),
         "one loss per token"),
-    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: _loss_from(_right_terms)(
-        logits.float(), target, smoothing, ignore_index), "returns torch.float32 for float64 logits"),
-    Caught(lambda logits, target, smoothing=0.1, ignore_index=-100: _loss_from(_right_terms)(
-        logits.detach(), target, smoothing, ignore_index), "carries no gradient"),
+    Caught(_loss_args(lambda logits, *rest: _loss_from(_right_terms)(logits.float(), *rest)),
+           "returns torch.float32 for float64 logits"),
+    Caught(_loss_args(lambda logits, *rest: _loss_from(_right_terms)(logits.detach(), *rest)),
+           "carries no gradient"),
 ]
 
 
@@ -644,9 +622,7 @@ def _diagnose_mask(mask, decoder_input, expected, pad_id, where, args):
         fail(f"{where}: the target mask has shape {tuple(mask.shape)}: add the head axis, "
              f"({batch}, 1, {length}, {length}), so that it broadcasts over heads.")
     if tuple(mask.shape) != tuple(expected.shape) and tuple(mask.shape) in [
-        (length, length),
-        (1, 1, length, length),
-    ]:
+            (length, length), (1, 1, length, length)]:
         fail(f"{where}: the target mask has shape {tuple(mask.shape)}, the same for every "
              f"sequence: it must also hide each sequence's padding, shape ({batch}, 1, "
              f"{length}, {length}).")

@@ -9,9 +9,11 @@ mistake whose cache or output the student's equals.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from contextlib import nullcontext
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -195,18 +197,38 @@ def _ring_variant(query, key, value, cache, window, *, fill="empty", span=0, slo
     return _attend(query, cache["k"][:, :, :filled], cache["v"][:, :, :filled], mask)
 
 
-_RING = [
+def _unfilled(c) -> str:
+    return (f"your output {c.where} attends over slots that hold no position yet (only "
+            f"{c.t + 1} of the {c.window} are written): attend over the filled slots only until "
+            "the window is full.")
+
+
+_RING = [  # the outputs' mistakes, tried in this order on step c.t of a case c
+    Mistake(_unfilled, partial(_ring_variant, fill="zeros"), when=lambda c: c.t < c.window - 1,
+            expect="attends over slots that hold no position yet"),
+    Mistake(lambda c: f"your output {c.where} attends to the oldest key only: a causal mask was "
+            "applied to a one-query step (`tril` of a (1, n) matrix keeps column 0). The one new "
+            "query is the latest position and may see every key in the window: no mask.",
+            partial(_ring_variant, order="masked"), when=lambda c: 0 < c.t < c.window,
+            expect="a causal mask was applied to a one-query"),
+    Mistake(lambda c: f"your output {c.where} is attention computed before its own key and value "
+            "were written: write the new position into its slot first; a query always sees "
+            "itself.", partial(_ring_variant, order="attend first"),
+            expect="before its own key and value were written"),
     Caught(partial(_ring_variant, slot="cat"), "allocate all 3 slots on the first step"),
     Caught(partial(_ring_variant, in_place=False), r"cache\['k'\] was reallocated at step 1"),
-    Caught(partial(_ring_variant, fill="zeros"),
-           "attends over slots that hold no position yet"),
     Caught(partial(_ring_variant, span=1), "one slot too many"),
     Caught(partial(_ring_variant, span=-1), "one slot too few"),
     Caught(partial(_ring_variant, slot="t"), r"slot t % window"),
-    Caught(partial(_ring_variant, order="attend first"),
-           "before its own key and value were written"),
-    Caught(partial(_ring_variant, order="masked"), "a causal mask was applied to a one-query"),
 ]
+
+
+def _ring_replay(step, c):
+    """The output of ``step`` at step c.t, run over steps 0 ... c.t from an empty cache."""
+    cache: dict = {}
+    for p in range(c.t + 1):
+        out = step(*(x[:, :, p : p + 1].clone() for x in (c.q, c.k, c.v)), cache, c.window)
+    return out
 
 
 def _expect_ring(cache, k, t: int, window: int, where: str) -> None:
@@ -256,38 +278,19 @@ def check_ring_window_step(ring_window_step):
             if address is None:
                 address = cache["k"].data_ptr(), cache["v"].data_ptr()
             elif (cache["k"].data_ptr(), cache["v"].data_ptr()) != address:
-                fail(f"cache['k'] was reallocated at step {t}: allocate the window's "
-                     "slots once, on the first step, and write each new position into its "
-                     "slot in place (`cache['k'][:, :, slot] = ...`), without torch.cat or "
-                     "a slice that copies.")
+                fail(f"cache['k'] was reallocated at step {t}: allocate the window's slots once, "
+                     "on the first step, and write each new position into its slot in place "
+                     "(`cache['k'][:, :, slot] = ...`), without torch.cat or a slice that copies.")
             out = expect_shape(out, (batch, heads, 1, d_head), f"your output {where}")
             expected = _attend(q[:, :, t : t + 1], _window(k, t, window), _window(v, t, window))
             if same(out, expected):
                 continue
-            if t < window - 1:
-                pad = torch.zeros(batch, heads, window - t - 1, d_head)
-                zeros = _attend(q[:, :, t : t + 1], torch.cat([k[:, :, : t + 1], pad], 2),
-                                torch.cat([v[:, :, : t + 1], pad], 2))
-                if same(out, zeros) or not torch.isfinite(out).all():
-                    fail(f"your output {where} attends over slots that hold no position yet "
-                         f"(only {t + 1} of the {window} are written): attend over the "
-                         "filled slots only until the window is full.")
-            if t > 0 and t < window:
-                first = torch.ones(1, t + 1, dtype=torch.bool).tril()  # (1, n): column 0
-                if same(out, _attend(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1],
-                                     first)):
-                    fail(f"your output {where} attends to the oldest key only: a causal mask "
-                         "was applied to a one-query step (`tril` of a (1, n) matrix keeps "
-                         "column 0). The one new query is the latest position and may see "
-                         "every key in the window: no mask.")
-            before = _attend(q[:, :, t : t + 1], _window(k, t - 1, window),
-                             _window(v, t - 1, window)) if t else torch.zeros_like(out)
-            if same(out, before):
-                fail(f"your output {where} is attention computed before its own key and "
-                     "value were written: write the new position into its slot first; a "
-                     "query always sees itself.")
-            fail(f"your output {where} differs from attention over the last "
-                 f"min(t + 1, {window}) positions.")
+            c = SimpleNamespace(q=q, k=k, v=v, t=t, window=window, where=where)
+            if t < window - 1 and not torch.isfinite(out).all():
+                fail(_unfilled(c))
+            name_mistake(out, _RING, c, run=lambda wrong, c=c: _ring_replay(wrong, c),
+                         general=f"your output {where} differs from attention over the last "
+                         f"min(t + 1, {window}) positions.")
 
 
 # ----------------------------------------------------------------------------- 8.2
@@ -467,14 +470,37 @@ def _reorder_variant(cache, beams, *, skip=(), axis=0, scatter=False, numbers=Fa
             cache[key] = value.index_select(0, beams)
 
 
-_REORDER = [
+_REORDER = [  # tried in this order on each tensor of the cache (case c), by its path
+    Mistake(lambda c: f"{c.name} was not reordered {c.where}: every tensor of the cache has one "
+            "row per sequence" + ("; cross-attention's keys and values come from each row's "
+                                  "source, so they follow the rows too" if c.cross else "") + ".",
+            lambda cache, beams: cache, expect="was not reordered"),
+    Mistake(lambda c: f"{c.name} {c.where}: you reordered the heads (axis 1); the sequences are "
+            "axis 0, (batch, heads, L, d_head).", partial(_reorder_variant, axis=1),
+            when=lambda c: c.old.dim() > 2, expect="reordered the heads"),
+    Mistake(lambda c: f"{c.name} {c.where}: row b's cache was scattered to row beams[b]; row b "
+            "must receive the cache of its parent, row beams[b] (`index_select(0, beams)`).",
+            partial(_reorder_variant, scatter=True),
+            when=lambda c: len(set(c.beams.tolist())) == len(c.beams), expect="scattered"),
     Caught(partial(_reorder_variant, skip=("cross",)), r"\['cross'\]\['k'\] was not reordered"),
     Caught(partial(_reorder_variant, skip=("real",)), r"cache\['real'\] was not reordered"),
     Caught(partial(_reorder_variant, skip=("v",)), r"\['self'\]\['v'\] was not reordered"),
-    Caught(partial(_reorder_variant, axis=1), "reordered the heads"),
-    Caught(partial(_reorder_variant, scatter=True), "scattered"),
     Caught(partial(_reorder_variant, numbers=True), "plain numbers"),
 ]
+
+
+def _entry(cache, path):
+    for key in path:
+        cache = cache.get(key) if isinstance(cache, dict) else None
+    return cache
+
+
+def _reordered_by(reorder, c):
+    """The tensor at c.path after ``reorder`` ran on a copy of the cache c.cache (bool as float)."""
+    cache = copy.deepcopy(c.cache)
+    result = reorder(cache, c.beams.clone())
+    got = _entry(result if isinstance(result, dict) else cache, c.path)
+    return got.float() if got.dtype == torch.bool else got
 
 
 @exercise("8.3", "Reordering the cache for beam search", mistakes={"reorder_cache": _REORDER})
@@ -497,36 +523,21 @@ def check_reorder_cache(reorder_cache):
             memory = model.encode(src)
             cache: dict = {"capacity": capacity}
             model.decode(prefix, memory, src, cache)
-            before = {path: value.clone() for path, value in _tensors(cache)}
+            original = copy.deepcopy(cache)
             result = call(reorder_cache, cache, beams.clone(), what="reorder_cache",
                           hints=hints)
             if isinstance(result, dict):
                 cache = result
-            for path, old in before.items():
-                got = cache
-                for key in path:
-                    got = got.get(key) if isinstance(got, dict) else None
-                got = expect_tensor(got, f"{_path_name(path)} after your call {where}")
-                old = old.float() if old.dtype == torch.bool else old  # compared as numbers
-                if same(got, old.index_select(0, beams), equal_nan=True):
-                    continue
-                if same(got, old, equal_nan=True):
-                    part = ("; cross-attention's keys and values come from each row's "
-                            "source, so they follow the rows too" if "cross" in path else "")
-                    fail(f"{_path_name(path)} was not reordered {where}: every tensor of the "
-                         f"cache has one row per sequence{part}.")
-                if old.dim() > 2 and same(got, old.index_select(1, beams), equal_nan=True):
-                    fail(f"{_path_name(path)} {where}: you reordered the heads (axis 1); the "
-                         "sequences are axis 0, (batch, heads, L, d_head).")
-                scattered = old.clone()
-                scattered[beams] = old
-                if len(set(beams.tolist())) == len(beams) and same(got, scattered,
-                                                                    equal_nan=True):
-                    fail(f"{_path_name(path)} {where}: row b's cache was scattered to row "
-                         "beams[b]; row b must receive the cache of its parent, row beams[b] "
-                         "(`index_select(0, beams)`).")
-                fail(f"{_path_name(path)} {where} should hold row beams[b] of the old tensor in "
-                     "row b.")
+            for path, old in _tensors(original):
+                c = SimpleNamespace(path=path, name=_path_name(path), where=where, beams=beams,
+                                    cross="cross" in path, cache=original,
+                                    old=old.float() if old.dtype == torch.bool else old)
+                got = expect_tensor(_entry(cache, path), f"{c.name} after your call {where}")
+                if not same(got, c.old.index_select(0, beams), equal_nan=True):
+                    name_mistake(got, _REORDER, c, equal_nan=True,
+                                 run=lambda wrong, c=c: _reordered_by(wrong, c),
+                                 general=f"{c.name} {where} should hold row beams[b] of the old "
+                                 "tensor in row b.")
 
 
 # ----------------------------------------------------------------------------- 8.5
