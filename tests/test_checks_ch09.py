@@ -99,3 +99,14 @@ def test_cross_entropy_is_refused_when_imported_by_name_and_restored():
 def test_bits_per_byte_accepts_a_float32_result(capsys):
     check_bits_per_byte(lambda *args: _bpb_variant(*args).float())
     assert "passed" in capsys.readouterr().out
+
+
+def test_merge_refuses_the_chapters_merge_and_restores_it():
+    original = gpt._merge
+
+    def merge_pair(ids, pair, new_id):
+        return gpt._merge(ids, tuple(pair), new_id)
+
+    with pytest.raises(CheckFailure, match="calls the chapter's BytePairEncoding or its _merge"):
+        check_merge_pair(merge_pair)
+    assert gpt._merge is original

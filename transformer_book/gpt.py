@@ -2,12 +2,89 @@
 # Edit the cells marked '#| export gpt' there, then run: python tools/generate.py
 """Code exported from book/09_gpt.ipynb."""
 
+import math
+import re
+from collections import Counter, defaultdict
+
 import torch
 from torch import nn
 
 from transformer_book.masking import causal_mask
 from transformer_book.model import EncoderLayer
 from transformer_book.norm import LayerNorm
+
+
+def _merge(ids, pair, new_id):
+    """ids with every occurrence of pair, scanned from the left, replaced by new_id."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+class BytePairEncoding:
+    """A byte-level BPE tokenizer: ids 0-255 are bytes, then one id per merge."""
+
+    # the chunks merges stay inside: a word with the space before it, a number, a run
+    # of punctuation, a run of white space
+    chunks = re.compile(r" ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+
+    def __init__(self, merges):
+        self.merges = dict(merges)  # (a, b) -> new id, in the order they were learned
+        self.vocab = {i: bytes([i]) for i in range(256)}  # id -> its bytes
+        for (a, b), new in self.merges.items():
+            self.vocab[new] = self.vocab[a] + self.vocab[b]
+
+    @classmethod
+    def train(cls, texts, vocab_size, byte_order=None):
+        """Merges learned from texts until vocab_size ids; equally frequent pairs go in
+        order of their ids, bytes ranked by byte_order (a dict) where given."""
+        rank = byte_order or {}
+        chunks = Counter(c for text in texts for c in cls.chunks.findall(text))
+        ids = [list(chunk.encode("utf-8")) for chunk in chunks]
+        weight = list(chunks.values())  # how often each chunk occurs
+        pairs, where = Counter(), defaultdict(set)  # pair -> count; -> chunks with it
+        for i, chunk in enumerate(ids):
+            for pair in zip(chunk, chunk[1:]):
+                pairs[pair] += weight[i]
+                where[pair].add(i)
+        merges = {}
+        for new in range(256, vocab_size):
+            # the most frequent pair; among equals, the one with the smallest ids
+            pair, count = max(pairs.items(), key=lambda kv: (
+                kv[1], -rank.get(kv[0][0], kv[0][0]), -rank.get(kv[0][1], kv[0][1])))
+            if count == 0:
+                break
+            merges[pair] = new
+            for i in where.pop(pair):  # recount only the chunks that held the pair
+                for old in zip(ids[i], ids[i][1:]):
+                    pairs[old] -= weight[i]
+                ids[i] = _merge(ids[i], pair, new)
+                for fresh in zip(ids[i], ids[i][1:]):
+                    pairs[fresh] += weight[i]
+                    where[fresh].add(i)
+        return cls(merges)
+
+    def encode(self, text):
+        out = []
+        for chunk in self.chunks.findall(text):
+            ids = list(chunk.encode("utf-8"))
+            while len(ids) > 1:  # apply the earliest learned merge first
+                pair = min(zip(ids, ids[1:]),
+                           key=lambda p: self.merges.get(p, math.inf))
+                if pair not in self.merges:
+                    break
+                ids = _merge(ids, pair, self.merges[pair])
+            out += ids
+        return out
+
+    def decode(self, ids):
+        return b"".join(self.vocab[i] for i in ids).decode("utf-8", errors="replace")
 
 
 def decoder_block(layer, x, mask, cache=None):
