@@ -42,6 +42,7 @@ MEASURED = [
     "book/06_layernorm_vs_batchnorm.ipynb",
     "book/07_full_transformer.ipynb",
     "book/08_fast_decoding.ipynb",
+    "book/09_gpt.ipynb",
     "solutions/07_full_transformer.ipynb",
 ]
 OLDEST = ["torch==2.2.2", "numpy<2"]

@@ -6,6 +6,7 @@ checks and the grader are written by hand.
 
 from .attention import scaled_dot_product_attention
 from .decoding import cache_nbytes, use_fused_attention
+from .gpt import GPT, BytePairEncoding, decoder_block, filter_probs, generate, sample
 from .masking import causal_mask, padding_mask
 from .model import (
     Decoder,
@@ -44,5 +45,11 @@ __all__ = [
     "greedy_decode",  # chapters 7 and 8 (use_cache=True)
     "use_fused_attention",
     "cache_nbytes",
+    "BytePairEncoding",  # chapter 9
+    "GPT",
+    "decoder_block",
+    "filter_probs",
+    "sample",
+    "generate",
 ]
 __version__ = "0.1.0"

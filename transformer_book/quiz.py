@@ -1055,6 +1055,131 @@ CH08 = (
     ),
 )
 
+CH09 = (
+    Q(
+        "A language model's logits have shape (B, L, V) for tokens of shape (B, L). "
+        "Which pairs make the next-token loss?",
+        "Training on a CPU",
+        R(
+            "logits[:, :-1] with tokens[:, 1:]",
+            "The output at position t predicts token t + 1; the last position has no "
+            "target in the window.",
+        ),
+        W(
+            "logits with tokens, position by position",
+            "Each position would be asked for its own input token, which the causal mask "
+            "lets it see: the loss falls to near 0 and the model learns nothing useful.",
+            mistake="chapter plan and checks ch09: a language-model loss without the shift",
+        ),
+        W(
+            "logits[:, 1:] with tokens[:, :-1]",
+            "That asks each position for the token before it, the shift the wrong way.",
+            mistake="checks ch09: the shift goes the wrong way",
+        ),
+        W(
+            "logits with tokens.roll(-1, dims=1)",
+            "The last position would be asked for the first token of the window, a "
+            "target it cannot know.",
+            mistake="checks ch09: targets that wrap around",
+        ),
+    ),
+    Q(
+        "What does this print?",
+        "Sampling: temperature, top-k and top-p",
+        W(
+            "[0.5, 0.0, 0.0, 0.0]",
+            "Those are the kept probabilities before renormalising: they must sum to 1.",
+            mistake="checks ch09: top-p without renormalising",
+        ),
+        W(
+            "[0.0, 0.0, 0.0, 0.0]",
+            "Keeping only tokens whose cumulative mass is at most p would keep nothing "
+            "here, but top-p always keeps the most likely token.",
+            mistake="checks ch09: a top-p set that stops before the mass reaches p",
+        ),
+        R(
+            "[1.0, 0.0, 0.0, 0.0]",
+            "The most likely token alone already has the mass 0.5 >= p, so it is the "
+            "whole set, renormalised to 1.",
+        ),
+        W(
+            "[0.5, 0.2, 0.0, 0.0]",
+            "The set is the smallest one reaching p; one token already reaches 0.4.",
+        ),
+        code=(
+            "import torch\n"
+            "from transformer_book.gpt import filter_probs\n"
+            "\n"
+            "logits = torch.tensor([0.5, 0.2, 0.2, 0.1]).log()\n"
+            "probs = filter_probs(logits, top_p=0.4)\n"
+            "print([round(x, 2) for x in probs.tolist()])"
+        ),
+    ),
+    Q(
+        "Held-out topics of `pydoc_data.topics` share 64-character windows with the "
+        "training topics. Why does that matter?",
+        "A clean split: duplicates and leakage",
+        R(
+            "The model is graded on text it may have memorised, so the validation loss "
+            "overstates how well it predicts new text.",
+            "The chapter drops near-duplicate pages and keeps pages that share a window on "
+            "one side, which brings the shared windows to 0.",
+        ),
+        W(
+            "It does not: a shared sentence is as hard to predict as any other.",
+            "A passage seen in training can be recalled rather than predicted, and the "
+            "naive split's loss is lower for it.",
+        ),
+        W(
+            "It only matters for the n-gram baselines, which store counts; a neural network "
+            "does not memorise.",
+            "Networks memorise too; the chapter's model trains for several passes over the "
+            "text.",
+        ),
+    ),
+    Q(
+        "Why does generation with a sliding window throw the key/value cache away when the "
+        "window moves?",
+        "Sampling: temperature, top-k and top-p",
+        R(
+            "The cached keys and values were computed with each token's old position "
+            "embedding; after the move every token has a new position.",
+            "So the chapter's window jumps by half its length and rebuilds the cache in "
+            "one pass (the prefill).",
+        ),
+        W(
+            "Because the cache would otherwise grow without bound.",
+            "A window already bounds it; the problem is that its entries become wrong, not "
+            "too many.",
+        ),
+        W(
+            "It need not: dropping the oldest key and value from the cache is enough.",
+            "That keeps keys made at positions the tokens no longer have, so the outputs "
+            "would differ from recomputing the window.",
+        ),
+    ),
+    Q(
+        "A model scores 1.8 bits per byte with a byte vocabulary, another 4.2 bits per "
+        "token with a BPE vocabulary whose tokens hold 2.5 bytes on average, on the same "
+        "text. Which predicts the text better?",
+        "Bytes as tokens, and bits per byte",
+        R(
+            "The BPE model: 4.2 / 2.5 = 1.68 bits per byte.",
+            "Per byte, the only unit the two share, it pays fewer bits for the same text.",
+        ),
+        W(
+            "The byte model: 1.8 < 4.2.",
+            "Bits per token of different tokenizers are not comparable: divide by the "
+            "bytes each token stands for.",
+            mistake="checks ch09: bits per token instead of bits per byte",
+        ),
+        W(
+            "Neither: models with different vocabularies cannot be compared.",
+            "They can, per byte of text: total bits over total bytes.",
+        ),
+    ),
+)
+
 QUIZZES: dict[str, tuple[Question, ...]] = {
     "01": CH01,
     "02": CH02,
@@ -1064,6 +1189,7 @@ QUIZZES: dict[str, tuple[Question, ...]] = {
     "06": CH06,
     "07": CH07,
     "08": CH08,
+    "09": CH09,
 }
 
 

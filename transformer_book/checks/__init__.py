@@ -5,7 +5,7 @@ inputs and edge cases, prints one line when it passes and raises ``CheckFailure`
 (an ``AssertionError``) naming the likely mistake when it does not.
 """
 
-from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08  # noqa: F401  (registers the checks)
+from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09  # noqa: F401  (registers the checks)
 from ._core import REGISTRY, CheckFailure, CheckUsageError
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "ch06",
     "ch07",
     "ch08",
+    "ch09",
 ]

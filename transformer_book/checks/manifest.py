@@ -364,5 +364,51 @@ NOTEBOOKS = {
                 }
             ]
         }
+    ],
+    "09_gpt.ipynb": [
+        {
+            "source": "check_merge_pair(merge_pair)",
+            "exercises": [
+                {
+                    "check": "check_merge_pair",
+                    "module": "transformer_book.checks.ch09",
+                    "number": "9.1",
+                    "title": "One merge step of byte-pair encoding"
+                }
+            ]
+        },
+        {
+            "source": "check_next_token_loss(next_token_loss)",
+            "exercises": [
+                {
+                    "check": "check_next_token_loss",
+                    "module": "transformer_book.checks.ch09",
+                    "number": "9.2",
+                    "title": "The next-token loss"
+                }
+            ]
+        },
+        {
+            "source": "check_top_p_filter(top_p_filter)",
+            "exercises": [
+                {
+                    "check": "check_top_p_filter",
+                    "module": "transformer_book.checks.ch09",
+                    "number": "9.3",
+                    "title": "Top-p (nucleus) filtering"
+                }
+            ]
+        },
+        {
+            "source": "check_bits_per_byte(bits_per_byte)",
+            "exercises": [
+                {
+                    "check": "check_bits_per_byte",
+                    "module": "transformer_book.checks.ch09",
+                    "number": "9.4",
+                    "title": "Bits per byte from a padded batch"
+                }
+            ]
+        }
     ]
 }
