@@ -44,8 +44,9 @@ def _run_plain(name: str) -> tuple[bool, float, str]:
 @pytest.fixture(scope="module")
 def plain_runs() -> dict[str, tuple[bool, float, str]]:
     """All of MEASURED, two at a time: each notebook runs on one thread, so the two
-    cores of a CI machine each take one (the longest notebook starts first)."""
-    names = sorted(portability.MEASURED, key=lambda n: "07_" not in n or "solutions" in n)
+    cores of a CI machine each take one (the two longest notebooks start first)."""
+    long = ("book/07_", "book/09_")  # the two longest start first, one per core
+    names = sorted(portability.MEASURED, key=lambda n: not n.startswith(long))
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(names, pool.map(_run_plain, names)))
     return results
