@@ -42,3 +42,17 @@ def test_a_failing_notebook_is_reported_and_not_cached(tmp_path, monkeypatch, ca
     assert cached == ["good.ipynb"]
     assert execute_book.main(["--jobs", "1"]) == 1  # the good one is not run again
     assert "running 1 notebooks" in capsys.readouterr().out
+
+
+def test_a_cell_past_the_timeout_is_named(tmp_path, monkeypatch, capsys):
+    (tmp_path / "book").mkdir()
+    (tmp_path / "_config.yml").write_text("execute:\n  timeout: 2\n")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("import time\ntime.sleep(30)")]
+    nbformat.write(nb, tmp_path / "book" / "slow.ipynb")
+    monkeypatch.setattr(execute_book, "ROOT", tmp_path)
+    monkeypatch.setattr(execute_book, "CACHE", tmp_path / "_build" / ".jupyter_cache")
+    assert execute_book.main([]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"FAILED book/slow\.ipynb after [\d.]+ s: CellTimeoutError: A cell timed "
+                     r"out .*2 seconds", out), out

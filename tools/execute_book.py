@@ -64,8 +64,9 @@ def run(path: str, limit: int):
     if result.err is not None:  # the cell's error and its failing line, in one line
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(result.err))  # no terminal colours
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        what = next((line for line in reversed(lines) if "Error" in line),
-                    lines[-1] if lines else type(result.err).__name__)
+        what = next((line for line in reversed(lines) if "Error" in line), None)
+        if what is None:  # e.g. a cell that ran past the timeout: its first line says so
+            what = f"{type(result.err).__name__}: {lines[0] if lines else ''}"
         where = next((line for line in reversed(lines) if re.match(r"\s*-+>\s*\d+", line)), "")
         where = re.sub(r"^-+>\s*\d*\s*", "", where)
         error = f"{what} (at: {where})" if where else what
