@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import nbformat
+from portability import describe_failure  # tools/ is on the path, as for any script here
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "_build" / ".jupyter_cache"
@@ -60,17 +60,8 @@ def run(path: str, limit: int):
     nb = nbformat.read(path, as_version=4)
     result = single_nb_execution(nb, cwd=str(Path(path).parent), timeout=limit,
                                  allow_errors=False, meta_override=True)
-    error = None
-    if result.err is not None:  # the cell's error and its failing line, in one line
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(result.err))  # no terminal colours
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        what = next((line for line in reversed(lines) if "Error" in line), None)
-        if what is None:  # e.g. a cell that ran past the timeout: its first line says so
-            what = f"{type(result.err).__name__}: {lines[0] if lines else ''}"
-        where = next((line for line in reversed(lines) if re.match(r"\s*-+>\s*\d+", line)), "")
-        where = re.sub(r"^-+>\s*\d*\s*", "", where)
-        error = f"{what} (at: {where})" if where else what
-    return nb, result.time, error[:300] if error else None
+    error = None if result.err is None else describe_failure(result.err)
+    return nb, result.time, error and error[:300]
 
 
 def main(argv: list[str] | None = None) -> int:

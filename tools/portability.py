@@ -69,6 +69,19 @@ def cpu_levels() -> list[str]:
     return LEVELS[: LEVELS.index(best) + 1] if best in LEVELS else ["default"]
 
 
+def describe_failure(error: BaseException) -> str:
+    """One line for a notebook that failed: the cell's error and the line that raised it."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colours
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    what = next((line for line in reversed(lines) if "Error" in line), None)
+    if what is None:  # e.g. a cell that ran past the timeout: its first line says so
+        what = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    # IPython marks the failing line with an arrow: "----> 7", or "---> 12"
+    where = next((line for line in reversed(lines) if re.match(r"-+>\s*\d+", line)), "")
+    where = re.sub(r"^-+>\s*\d*\s*", "", where)
+    return f"{what} (at: {where})" if where else what
+
+
 def run_one(
     path: Path, level: str, threads: int, timeout: int, seed: int | None = None
 ) -> tuple[bool, float, str]:
@@ -97,13 +110,7 @@ def run_one(
     try:
         client.execute(env=env, cwd=str(path.parent), stderr=subprocess.DEVNULL)
     except CellExecutionError as error:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colours
-        lines = [line for line in text.splitlines() if line.strip()]
-        where = next((line for line in reversed(lines) if "Error" in line), lines[-1])
-        # the failing line of the cell (IPython marks it with an arrow)
-        line = next((line for line in reversed(lines) if re.match(r"\s*-+>\s*\d+", line)), "")
-        line = re.sub(r"^\s*-+>\s*\d*\s*", "", line).strip()
-        return False, time.perf_counter() - start, f"{where[:200]} at: {line[:200]}"
+        return False, time.perf_counter() - start, describe_failure(error)[:400]
     except (CellTimeoutError, DeadKernelError, TimeoutError) as error:
         return False, time.perf_counter() - start, f"{type(error).__name__}: {error}"[:200]
     return True, time.perf_counter() - start, ""
