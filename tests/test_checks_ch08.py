@@ -11,6 +11,7 @@ from transformer_book.checks import CheckFailure
 from transformer_book.checks.ch08 import (
     _calls_the_chapter,
     _pool_variant,
+    _reorder_variant,
     check_chunk_step,
     check_cross_attention_step,
     check_reorder_cache,
@@ -65,14 +66,6 @@ def test_a_ring_may_keep_its_own_bookkeeping_in_the_cache():
     check_ring_window_step(ring_window_step)
 
 
-def _reorder(cache, beams):
-    for key, value in cache.items():
-        if isinstance(value, dict):
-            _reorder(value, beams)
-        elif isinstance(value, torch.Tensor):
-            cache[key] = value.index_select(0, beams)
-
-
 @pytest.mark.parametrize("capacity", [None, 10])
 def test_a_reordered_cache_decodes_as_the_reordered_sequences_recomputed(capacity):
     """The premise of check 8.3: index_select(0, beams) on every tensor is beam search's
@@ -87,7 +80,7 @@ def test_a_reordered_cache_decodes_as_the_reordered_sequences_recomputed(capacit
         memory = model.encode(src)
         cache = {"capacity": capacity}
         model.decode(prefix, memory, src, cache)
-        _reorder(cache, beams)
+        _reorder_variant(cache, beams)  # the check's reference
         got = model.decode(token, memory[beams], src[beams], cache)[:, -1]
         whole = torch.cat([prefix[beams], token], dim=1)
         expected = model.decode(whole, memory[beams], src[beams])[:, -1]
@@ -97,7 +90,7 @@ def test_a_reordered_cache_decodes_as_the_reordered_sequences_recomputed(capacit
 def test_reorder_may_return_a_new_cache():
     def reorder_cache(cache, beams):
         fresh = {k: dict(v) if isinstance(v, dict) else v for k, v in cache.items()}
-        _reorder(fresh, beams)
+        _reorder_variant(fresh, beams)
         return fresh
 
     check_reorder_cache(reorder_cache)
