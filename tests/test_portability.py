@@ -66,7 +66,8 @@ def test_a_claim_true_on_one_kernel_level_only_fails(tmp_path):
     """Guard: the run really uses the level asked for, so such a claim is caught."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(
-        "import torch\n" + "\n" * 10  # line 12: IPython marks it "--->", not "---->"
+        "import torch\nprint('level', torch.backends.cpu.get_cpu_capability())"
+        + "\n" * 10  # line 12: IPython marks it "--->", not "---->"
         + "assert torch.backends.cpu.get_cpu_capability() != 'DEFAULT'"
     )]
     path = tmp_path / "claim.ipynb"
@@ -74,3 +75,4 @@ def test_a_claim_true_on_one_kernel_level_only_fails(tmp_path):
     ok, _, why = portability.run_one(path, "default", threads=1, timeout=60)
     assert not ok and "AssertionError" in why
     assert "get_cpu_capability() != 'DEFAULT'" in why, why  # the report names the line
+    assert why.endswith("it printed: level DEFAULT"), why  # and what the cell printed

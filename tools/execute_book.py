@@ -60,8 +60,8 @@ def run(path: str, limit: int):
     nb = nbformat.read(path, as_version=4)
     result = single_nb_execution(nb, cwd=str(Path(path).parent), timeout=limit,
                                  allow_errors=False, meta_override=True)
-    error = None if result.err is None else describe_failure(result.err)
-    return nb, result.time, error and error[:300]
+    error = None if result.err is None else describe_failure(result.err, nb)
+    return nb, result.time, error and error[:600]
 
 
 def main(argv: list[str] | None = None) -> int:

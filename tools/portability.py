@@ -69,8 +69,10 @@ def cpu_levels() -> list[str]:
     return LEVELS[: LEVELS.index(best) + 1] if best in LEVELS else ["default"]
 
 
-def describe_failure(error: BaseException) -> str:
-    """One line for a notebook that failed: the cell's error and the line that raised it."""
+def describe_failure(error: BaseException, nb=None) -> str:
+    """One line for a notebook that failed: the cell's error, the line that raised it and,
+    given the executed notebook, the last lines the failing cell printed (the figures a
+    measured claim prints before it asserts them)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colours
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     what = next((line for line in reversed(lines) if "Error" in line), None)
@@ -79,7 +81,22 @@ def describe_failure(error: BaseException) -> str:
     # IPython marks the failing line with an arrow: "----> 7", or "---> 12"
     where = next((line for line in reversed(lines) if re.match(r"-+>\s*\d+", line)), "")
     where = re.sub(r"^-+>\s*\d*\s*", "", where)
-    return f"{what} (at: {where})" if where else what
+    described = f"{what} (at: {where})" if where else what
+    printed = printed_before_failure(nb) if nb is not None else ""
+    return f"{described}; it printed: {printed}" if printed else described
+
+
+def printed_before_failure(nb, lines: int = 3) -> str:
+    """The last non-empty lines of standard output of the first cell that raised, joined by
+    ' / '; '' when it printed nothing."""
+    for cell in nb.cells:
+        outputs = cell.get("outputs", [])
+        if any(out.get("output_type") == "error" for out in outputs):
+            text = "".join(out.get("text", "") for out in outputs
+                           if out.get("output_type") == "stream" and out.get("name") == "stdout")
+            shown = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+            return " / ".join(shown)
+    return ""
 
 
 def run_one(
@@ -110,7 +127,7 @@ def run_one(
     try:
         client.execute(env=env, cwd=str(path.parent), stderr=subprocess.DEVNULL)
     except CellExecutionError as error:
-        return False, time.perf_counter() - start, describe_failure(error)[:400]
+        return False, time.perf_counter() - start, describe_failure(error, nb)[:600]
     except (CellTimeoutError, DeadKernelError, TimeoutError) as error:
         return False, time.perf_counter() - start, f"{type(error).__name__}: {error}"[:200]
     return True, time.perf_counter() - start, ""
