@@ -50,7 +50,8 @@ def test_a_cell_past_the_timeout_is_named(tmp_path, monkeypatch, capsys):
     (tmp_path / "book").mkdir()
     (tmp_path / "_config.yml").write_text("execute:\n  timeout: 2\n")
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("import time\ntime.sleep(30)")]
+    # the timeout's text previews this source: a line of it that says "Error" is no error
+    nb.cells = [nbformat.v4.new_code_cell("import time\ntime.sleep(30)  # no ValueError")]
     nbformat.write(nb, tmp_path / "book" / "slow.ipynb")
     monkeypatch.setattr(execute_book, "ROOT", tmp_path)
     monkeypatch.setattr(execute_book, "CACHE", tmp_path / "_build" / ".jupyter_cache")

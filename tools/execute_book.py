@@ -53,12 +53,11 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     return sorted(found, key=rank)
 
 
-def run(path: str, limit: int):
+def run(nb, folder: str, limit: int):
     """Execute one notebook in its folder; (executed notebook, seconds, error or None)."""
     from jupyter_cache.executors.utils import single_nb_execution
 
-    nb = nbformat.read(path, as_version=4)
-    result = single_nb_execution(nb, cwd=str(Path(path).parent), timeout=limit,
+    result = single_nb_execution(nb, cwd=folder, timeout=limit,
                                  allow_errors=False, meta_override=True)
     error = None if result.err is None else describe_failure(result.err, nb)
     return nb, result.time, error and error[:600]
@@ -78,19 +77,21 @@ def main(argv: list[str] | None = None) -> int:
 
     CACHE.parent.mkdir(exist_ok=True)
     cache = get_cache(str(CACHE))
-    todo = []
+    todo = {}  # path -> notebook, for those not cached with their current code
     for path in notebooks(args.only):
+        nb = nbformat.read(path, as_version=4)
         try:
-            cache.match_cache_notebook(nbformat.read(path, as_version=4))
+            cache.match_cache_notebook(nb)
         except KeyError:
-            todo.append(path)
+            todo[path] = nb
     if not todo:
         print("execute_book: every notebook is cached with its current code")
         return 0
     print(f"execute_book: running {len(todo)} notebooks, {args.jobs} at a time", flush=True)
     start, failed = time.perf_counter(), []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run, str(p), timeout()): p for p in todo}
+        limit = timeout()
+        futures = {pool.submit(run, nb, str(p.parent), limit): p for p, nb in todo.items()}
         for future in as_completed(futures):
             path = futures[future]
             name = path.relative_to(ROOT).as_posix()

@@ -73,11 +73,16 @@ def describe_failure(error: BaseException, nb=None) -> str:
     """One line for a notebook that failed: the cell's error, the line that raised it and,
     given the executed notebook, the last lines the failing cell printed (the figures a
     measured claim prints before it asserts them)."""
+    from nbclient.exceptions import CellExecutionError
+
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # no terminal colours
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    what = next((line for line in reversed(lines) if "Error" in line), None)
-    if what is None:  # e.g. a cell that ran past the timeout: its first line says so
-        what = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    first = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    if not isinstance(error, CellExecutionError):
+        # a timeout or a dead kernel: the first line says so; the rest of a timeout's
+        # text previews the cell's source, whose lines are no error
+        return first
+    what = next((line for line in reversed(lines) if "Error" in line), first)
     # IPython marks the failing line with an arrow: "----> 7", or "---> 12"
     where = next((line for line in reversed(lines) if re.match(r"-+>\s*\d+", line)), "")
     where = re.sub(r"^-+>\s*\d*\s*", "", where)
@@ -126,10 +131,8 @@ def run_one(
     start = time.perf_counter()
     try:
         client.execute(env=env, cwd=str(path.parent), stderr=subprocess.DEVNULL)
-    except CellExecutionError as error:
+    except (CellExecutionError, CellTimeoutError, DeadKernelError, TimeoutError) as error:
         return False, time.perf_counter() - start, describe_failure(error, nb)[:600]
-    except (CellTimeoutError, DeadKernelError, TimeoutError) as error:
-        return False, time.perf_counter() - start, f"{type(error).__name__}: {error}"[:200]
     return True, time.perf_counter() - start, ""
 
 
